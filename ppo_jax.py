@@ -1,0 +1,1060 @@
+"""ppo_jax: Proximal Policy Optimization in one readable JAX file.
+
+Run it:
+    python ppo_jax.py --env CartPole-v1            # train, with live progress
+    python ppo_jax.py --env Acrobot-v1 --num-seeds 8 --learning-rate 1e-3
+    python ppo_jax.py --help                       # every flag, with its meaning
+
+Import it:
+    from ppo_jax import Config, make_train
+    train = jax.jit(jax.vmap(make_train(Config(env="CartPole-v1"))))
+    runner_state, metrics = train(jax.random.split(jax.random.key(0), 8))  # 8 seeds, one jit
+
+The file reads in the algorithm's order: config, environment, networks, the rollout phase
+(collect_rollout), advantages (compute_gae), the loss (ppo_loss), the learning phase
+(update_minibatch -> update_epoch -> update), and make_train, which composes them.
+
+Shape letters used in comments: T steps per rollout, N parallel envs, B minibatch,
+A actions, D action dimensions, S seeds, U updates.
+
+Conventions, where PPO codebases disagree:
+- A Transition is one step: the observation the action was chosen from, the action, and the
+  reward and flags that the step produced. `terminated` and `truncated` belong to the step
+  that ends the episode.
+- A time limit is not a termination. A truncated step bootstraps from the critic's value of
+  the true next observation (gymnax's info["final_observation"]); only termination zeroes it.
+- The value loss is 0.5 (V - R)^2, or its clipped variant behind `clip_value_loss`.
+- Gradients are clipped by their global norm over actor and critic together, not per element.
+- Advantages are normalized per minibatch. The learning rate and the entropy coefficient
+  follow per-update linear schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+from jax.experimental import io_callback
+from gymnax.environments import spaces
+
+# ── Config ────────────────────────────────────────────────────────────────────────────────
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train. The message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every hyperparameter of a run. Each field is also a command-line flag."""
+
+    env: str = "CartPole-v1"
+    """gymnax environment id, or 'package.module:Class' for a custom gymnax Environment."""
+    seed: int = 0
+    """Random seed; seed i of --num-seeds is derived from it."""
+    num_seeds: int = 1
+    """Independent seeds trained together in one jit (vmap over keys)."""
+    total_timesteps: int = 500_000
+    """Environment steps per seed."""
+    num_envs: int = 4
+    """Parallel environments per seed (N)."""
+    num_steps: int = 128
+    """Steps per environment in each rollout (T)."""
+    update_epochs: int = 4
+    """Passes over each rollout in the learning phase."""
+    num_minibatches: int = 4
+    """Minibatches per epoch; must divide num_envs * num_steps."""
+    learning_rate: float = 2.5e-4
+    """Adam step size at the first update."""
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to zero over the updates."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 is the Monte-Carlo return."""
+    clip_eps: float = 0.2
+    """PPO ratio clip: the policy loss ignores ratios beyond 1 +- clip_eps."""
+    clip_value_loss: bool = False
+    """Clip the value loss around the rollout's values, like the policy ratio."""
+    ent_coef: float = 0.01
+    """Entropy bonus coefficient at the first update."""
+    ent_coef_final: float | None = None
+    """Entropy coefficient at the last update, reached linearly (None: constant ent_coef)."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip, over actor and critic together."""
+    target_kl: float | None = None
+    """Stop an update's remaining epochs once an epoch's mean approx KL exceeds this."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layer widths of the actor and of the critic (separate networks)."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Hidden layer activation."""
+    log_std_init: float = 0.0
+    """Initial log standard deviation of the Gaussian policy (continuous actions)."""
+    action_mask: Literal["auto", "on", "off"] = "auto"
+    """Use the env's action_mask(state, params) method: auto = when it has one."""
+    bootstrap_truncation: bool = True
+    """Bootstrap from V(final observation) at time limits; off treats them as terminal."""
+    out: str | None = None
+    """Output folder (default runs/<env>-<timestamp>)."""
+    quiet: bool = False
+    """No live progress bar."""
+    compile_cache: bool = True
+    """Keep compiled programs in ~/.cache/ppo_jax so a second identical run skips compiling."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.batch_size
+
+    def hparams(self) -> HParams:
+        """The rates and coefficients as arrays, so a grid of them can be vmapped."""
+        final = self.ent_coef if self.ent_coef_final is None else self.ent_coef_final
+        target_kl = math.inf if self.target_kl is None else self.target_kl
+        return HParams(*(jnp.float32(v) for v in (
+            self.learning_rate, self.ent_coef, final, self.clip_eps, self.gamma,
+            self.gae_lambda, self.vf_coef, self.max_grad_norm, target_kl)))
+
+
+class HParams(NamedTuple):
+    """The traced hyperparameters. Everything else in Config fixes shapes and is static."""
+
+    learning_rate: jax.Array
+    ent_coef: jax.Array
+    ent_coef_final: jax.Array
+    clip_eps: jax.Array
+    gamma: jax.Array
+    gae_lambda: jax.Array
+    vf_coef: jax.Array
+    max_grad_norm: jax.Array
+    target_kl: jax.Array
+
+
+# Per-env starting points: `--env X` starts from PRESETS[X]; explicit flags override it.
+# The measured results of each are in the README.
+PRESETS: dict[str, dict[str, Any]] = {
+    "CartPole-v1": dict(total_timesteps=150_000, num_envs=16, num_steps=32, learning_rate=2.5e-3),
+    "Acrobot-v1": dict(total_timesteps=500_000, num_envs=16, num_steps=128),
+    "MountainCar-v0": dict(total_timesteps=2_000_000, num_envs=16, num_steps=128),
+    "Pendulum-v1": dict(total_timesteps=1_000_000, num_envs=16, num_steps=128,
+                        gamma=0.9, ent_coef=0.0, learning_rate=1e-3),
+    "MountainCarContinuous-v0": dict(total_timesteps=1_000_000, num_envs=16, num_steps=128),
+}
+
+
+def preset_config(env: str, **overrides: Any) -> Config:
+    """The Config that `--env env` starts from, with `overrides` applied on top."""
+    return Config(**{"env": env, **PRESETS.get(env, {}), **overrides})
+
+
+def validate_config(config: Config) -> None:
+    """Raise ConfigError, naming the fix, for any setting that cannot train."""
+    sizes = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "update_epochs",
+             "num_minibatches")
+    for name in sizes:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    if not config.hidden_sizes or min(config.hidden_sizes) <= 0:
+        raise ConfigError(f"hidden_sizes must be positive widths, got {config.hidden_sizes}")
+    if config.batch_size % config.num_minibatches:
+        raise ConfigError(
+            f"num_envs * num_steps = {config.batch_size} is not divisible by num_minibatches "
+            f"= {config.num_minibatches}; pick a num_minibatches that divides it")
+    if config.total_timesteps < config.batch_size:
+        raise ConfigError(
+            f"total_timesteps = {config.total_timesteps} is less than one batch (num_envs * "
+            f"num_steps = {config.batch_size}); raise it or shrink the batch")
+    if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
+        raise ConfigError(f"learning_rate must be a positive number, got {config.learning_rate}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1], got {getattr(config, name)}")
+    for name in ("clip_eps", "ent_coef", "vf_coef", "max_grad_norm"):
+        if not getattr(config, name) >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.ent_coef_final is not None and not config.ent_coef_final >= 0:
+        raise ConfigError(f"ent_coef_final must be >= 0, got {config.ent_coef_final}")
+    if config.target_kl is not None and not config.target_kl > 0:
+        raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
+
+
+# ── Environment ───────────────────────────────────────────────────────────────────────────
+# Any gymnax Environment works. To forbid actions, a discrete env defines
+#     def action_mask(self, state, params) -> jax.Array  # bool [A], True where legal
+# It is called on the state each observation comes from (after auto-reset), so the mask
+# always describes the observation the policy sees.
+
+
+def make_env(env_id: str) -> tuple[Any, Any]:
+    """The gymnax environment and its default params, from an id or 'module:Class'."""
+    if ":" in env_id:
+        module_name, _, class_name = env_id.partition(":")
+        try:
+            env = getattr(importlib.import_module(module_name), class_name)()
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"cannot load env {env_id!r} ({error}); give 'module:Class' of an "
+                              "importable gymnax Environment") from None
+        return env, env.default_params
+    if env_id not in gymnax.registered_envs:
+        close = difflib.get_close_matches(env_id, gymnax.registered_envs, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see gymnax.registered_envs"
+        raise ConfigError(f"unknown env {env_id!r}; {hint}")
+    return gymnax.make(env_id)
+
+
+class EnvSpec(NamedTuple):
+    """What the networks and the rollout need to know about an environment."""
+
+    obs_shape: tuple[int, ...]
+    discrete: bool
+    num_actions: int  # A for discrete envs, D (action dimensions) for continuous ones
+    action_low: Any  # Box bounds that continuous actions are clipped to when stepping
+    action_high: Any
+    masked: bool  # whether the env's action_mask is used
+
+
+def env_spec(env: Any, env_params: Any, action_mask: str = "auto") -> EnvSpec:
+    """Read shapes and action bounds from the env; decide whether masks are used."""
+    space = env.action_space(env_params)
+    discrete = isinstance(space, spaces.Discrete)
+    has_mask = callable(getattr(env, "action_mask", None))
+    if action_mask == "on" and not discrete:
+        raise ConfigError("action masking needs discrete actions; drop --action-mask on")
+    if action_mask == "on" and not has_mask:
+        raise ConfigError(f"{env.name} has no action_mask(state, params) method; "
+                          "define one or pass --action-mask off")
+    masked = discrete and has_mask and action_mask != "off"
+    obs_shape = tuple(env.observation_space(env_params).shape)
+    if discrete:
+        return EnvSpec(obs_shape, True, int(space.n), None, None, masked)
+    low, high = np.broadcast_to(space.low, space.shape), np.broadcast_to(space.high, space.shape)
+    return EnvSpec(obs_shape, False, int(np.prod(space.shape)), low, high, False)
+
+
+def reset_envs(env, env_params, spec: EnvSpec, key, num_envs: int):
+    """Reset N envs. Returns obs [N, *obs], env_state, mask [N, A] or None."""
+    obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
+        jax.random.split(key, num_envs), env_params)
+    return obs, env_state, action_masks(env, env_params, spec, env_state)
+
+
+def action_masks(env, env_params, spec: EnvSpec, env_state):
+    """The legal-action mask [N, A] of each env's current state, or None if unmasked."""
+    if not spec.masked:
+        return None
+    return jax.vmap(env.action_mask, in_axes=(0, None))(env_state, env_params).astype(bool)
+
+
+# ── Networks ──────────────────────────────────────────────────────────────────────────────
+
+# A masked action's logit. Finite, so softmax gives it exactly zero probability without the
+# inf - inf = NaN that -inf would produce in log-softmax and in its gradient.
+MASKED_LOGIT = -1e9
+ROLLOUT_UNROLL = 1
+
+
+def orthogonal(scale: float = 1.0):
+    """Orthogonal initializer built by Gram-Schmidt instead of a QR decomposition.
+
+    Same distribution as QR with a sign fix (Haar), but only matmuls: under vmap over seeds,
+    QR becomes batched LAPACK calls that can deadlock XLA's CPU thread pool.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        tall = jax.random.normal(key, (max(rows, cols), min(rows, cols)), jnp.float32)
+
+        def gram_schmidt_step(q, j):
+            v = tall[:, j]
+            for _ in range(2):  # orthogonalize twice: float32 round-off stays at machine eps
+                v = v - q @ (q.T @ v)
+            return q.at[:, j].set(v / jnp.linalg.norm(v)), None
+
+        q, _ = jax.lax.scan(gram_schmidt_step, jnp.zeros_like(tall), jnp.arange(tall.shape[1]))
+        q = q if rows >= cols else q.T
+        return (scale * q).reshape(shape).astype(dtype)
+
+    return init
+
+
+ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
+
+
+class MLP(nn.Module):
+    """Hidden layers with orthogonal(sqrt 2) init; flattens each observation first."""
+
+    hidden_sizes: tuple[int, ...]
+    activation: str
+
+    @nn.compact
+    def __call__(self, obs):  # obs [B, *obs_shape] -> [B, hidden_sizes[-1]]
+        x = obs.reshape(obs.shape[0], -1).astype(jnp.float32)
+        for width in self.hidden_sizes:
+            x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)))(x)
+            x = ACTIVATIONS[self.activation](x)
+        return x
+
+
+class Categorical(struct.PyTreeNode):
+    """A categorical policy over A actions, restricted to the legal ones when masked."""
+
+    logits: jax.Array  # [B, A]; masked entries hold MASKED_LOGIT
+    mask: jax.Array | None = None  # [B, A], True where legal
+
+    def log_probs(self):
+        return jax.nn.log_softmax(self.logits)
+
+    def sample(self, key):
+        return jax.random.categorical(key, self.logits)
+
+    def mode(self):
+        return jnp.argmax(self.logits, axis=-1)
+
+    def log_prob(self, action):
+        return jnp.sum(self.log_probs() * jax.nn.one_hot(action, self.logits.shape[-1]), axis=-1)
+
+    def entropy(self):
+        """H = -sum_a p(a) log p(a) over legal actions only (zero when one is legal)."""
+        log_p = self.log_probs()
+        p_log_p = jnp.exp(log_p) * log_p
+        if self.mask is not None:
+            p_log_p = jnp.where(self.mask, p_log_p, 0.0)
+        return -p_log_p.sum(axis=-1)
+
+
+class Gaussian(struct.PyTreeNode):
+    """A diagonal Gaussian policy whose log-std does not depend on the state."""
+
+    mean: jax.Array  # [B, D]
+    log_std: jax.Array  # [D]
+
+    def sample(self, key):
+        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
+
+    def mode(self):
+        return self.mean
+
+    def log_prob(self, action):
+        """log N(a; mu, sigma) = sum_d -((a - mu) / sigma)^2 / 2 - log sigma - log(2 pi) / 2."""
+        z = (action - self.mean) / jnp.exp(self.log_std)
+        return jnp.sum(-0.5 * z**2 - self.log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+    def entropy(self):
+        per_dim = 0.5 + 0.5 * jnp.log(2 * jnp.pi) + self.log_std
+        return jnp.broadcast_to(per_dim.sum(), self.mean.shape[:-1])
+
+
+class Actor(nn.Module):
+    """pi(a | s): an MLP and a policy head with small init (0.01), so early actions are
+    near-uniform."""
+
+    spec: EnvSpec
+    hidden_sizes: tuple[int, ...]
+    activation: str
+    log_std_init: float = 0.0
+
+    @nn.compact
+    def __call__(self, obs, mask=None):  # obs [B, *obs_shape], mask [B, A] or None
+        x = MLP(self.hidden_sizes, self.activation)(obs)
+        out = nn.Dense(self.spec.num_actions, kernel_init=orthogonal(0.01))(x)
+        if self.spec.discrete:
+            logits = out if mask is None else jnp.where(mask, out, MASKED_LOGIT)
+            return Categorical(logits, mask)
+        log_std = self.param("log_std", nn.initializers.constant(self.log_std_init),
+                             (self.spec.num_actions,))
+        return Gaussian(out, log_std)
+
+
+class Critic(nn.Module):
+    """V(s): an MLP and a scalar head with unit-scale init."""
+
+    hidden_sizes: tuple[int, ...]
+    activation: str
+
+    @nn.compact
+    def __call__(self, obs):  # obs [B, *obs_shape] -> [B]
+        x = MLP(self.hidden_sizes, self.activation)(obs)
+        return nn.Dense(1, kernel_init=orthogonal(1.0))(x)[:, 0]
+
+
+class Agent(NamedTuple):
+    """The two networks (static modules; their parameters live in RunnerState.params)."""
+
+    actor: Actor
+    critic: Critic
+
+    def policy(self, params, obs, mask=None):
+        return self.actor.apply(params["actor"], obs, mask)
+
+    def value(self, params, obs):
+        return self.critic.apply(params["critic"], obs)
+
+
+def make_agent(config: Config, spec: EnvSpec) -> Agent:
+    return Agent(
+        Actor(spec, config.hidden_sizes, config.activation, config.log_std_init),
+        Critic(config.hidden_sizes, config.activation))
+
+
+def init_params(agent: Agent, spec: EnvSpec, key) -> dict:
+    actor_key, critic_key = jax.random.split(key)
+    dummy_obs = jnp.zeros((1, *spec.obs_shape))
+    return {"actor": agent.actor.init(actor_key, dummy_obs),
+            "critic": agent.critic.init(critic_key, dummy_obs)}
+
+
+# ── Rollout ───────────────────────────────────────────────────────────────────────────────
+
+
+class Transition(NamedTuple):
+    """One environment step of N envs; the rollout stacks T of them into [T, N, ...]."""
+
+    obs: jax.Array  # [N, *obs_shape] the observation the action was chosen from
+    action: jax.Array  # [N] or [N, D]; the unclipped sample, as scored by log_prob
+    log_prob: jax.Array  # [N] log pi_old(action | obs)
+    reward: jax.Array  # [N]
+    terminated: jax.Array  # [N] the episode ended for real: no future value
+    truncated: jax.Array  # [N] the clock ran out: the future still has value
+    next_obs: jax.Array  # [N, *obs_shape] the true next observation, before auto-reset
+    mask: jax.Array | None  # [N, A] legal actions at obs, or None
+
+
+class EpisodeStats(NamedTuple):
+    """Returns and lengths of episodes in progress, per env (undiscounted, raw reward)."""
+
+    returns: jax.Array  # [N]
+    lengths: jax.Array  # [N]
+
+
+class FinishedEpisodes(NamedTuple):
+    """Sums over the episodes that ended during a rollout."""
+
+    count: jax.Array
+    return_sum: jax.Array
+    length_sum: jax.Array
+
+
+class RunnerState(struct.PyTreeNode):
+    """Everything that carries from one update to the next."""
+
+    params: dict
+    opt_state: Any
+    env_state: Any  # [N] batched gymnax state
+    obs: jax.Array  # [N, *obs_shape]
+    mask: jax.Array | None  # [N, A] or None
+    episodes: EpisodeStats
+    key: jax.Array
+    update: jax.Array  # int32 count of updates done: drives the schedules
+
+
+def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int,
+                    state: RunnerState):
+    """The rollout phase: run the current policy for T steps in N envs (one lax.scan).
+
+    Returns the advanced state, the stacked Transitions [T, N, ...], and FinishedEpisodes
+    summed over the rollout (only episodes that ended count; none are padded with zeros).
+    """
+
+    def env_step(state: RunnerState, _):
+        key, action_key, step_key = jax.random.split(state.key, 3)
+        pi = agent.policy(state.params, state.obs, state.mask)
+        action = pi.sample(action_key)
+        env_action = action if spec.discrete else jnp.clip(action, spec.action_low,
+                                                           spec.action_high)
+        step_keys = jax.random.split(step_key, env_action.shape[0])
+        obs, env_state, reward, terminated, truncated, info = jax.vmap(
+            env.step, in_axes=(0, 0, 0, None))(step_keys, state.env_state, env_action,
+                                               env_params)
+        transition = Transition(state.obs, action, pi.log_prob(action), reward.astype(
+            jnp.float32), terminated, truncated, info["final_observation"], state.mask)
+        done = terminated | truncated
+        returns = state.episodes.returns + reward
+        lengths = state.episodes.lengths + 1
+        finished = FinishedEpisodes(jnp.sum(done), jnp.sum(jnp.where(done, returns, 0.0)),
+                                    jnp.sum(jnp.where(done, lengths, 0)))
+        episodes = EpisodeStats(jnp.where(done, 0.0, returns), jnp.where(done, 0, lengths))
+        state = state.replace(env_state=env_state, obs=obs, key=key, episodes=episodes,
+                              mask=action_masks(env, env_params, spec, env_state))
+        return state, (transition, finished)
+
+    state, (transitions, finished) = jax.lax.scan(env_step, state, length=num_steps,
+                                                  unroll=ROLLOUT_UNROLL)
+    return state, transitions, jax.tree.map(jnp.sum, finished)
+
+
+# ── Advantages ────────────────────────────────────────────────────────────────────────────
+
+
+def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda):
+    """Generalized Advantage Estimation (Schulman et al. 2016), one reverse lax.scan.
+
+    All inputs are [T, N]; `next_values[t]` is V of the true next observation of step t
+    (the final observation when the episode ended there).
+
+        delta_t = r_t + gamma (1 - terminated_t) V(s'_t) - V(s_t)
+        A_t     = delta_t + gamma lambda (1 - done_t) A_{t+1},   done_t = terminated_t or truncated_t
+
+    Truncation keeps the bootstrap term (the clock stopped, not the episode), but it still
+    cuts the lambda-trace, because row t+1 belongs to a new episode.
+    Returns (advantages [T, N], returns [T, N] = advantages + values).
+    """
+    not_terminated = 1.0 - terminated.astype(jnp.float32)
+    not_done = 1.0 - (terminated | truncated).astype(jnp.float32)
+    deltas = rewards + gamma * not_terminated * next_values - values
+
+    def gae_step(next_advantage, step):
+        delta, not_done_t = step
+        advantage = delta + gamma * gae_lambda * not_done_t * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(gae_step, jnp.zeros_like(values[0]), (deltas, not_done),
+                                 reverse=True)
+    return advantages, advantages + values
+
+
+class Batch(NamedTuple):
+    """Flattened rollout samples for the learning phase ([T * N, ...], or [B, ...])."""
+
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array  # log pi_old(a | s)
+    value: jax.Array  # V_old(s)
+    advantage: jax.Array
+    target: jax.Array  # the return the critic regresses to: advantage + V_old(s)
+    mask: jax.Array | None
+
+
+def rollout_to_batch(agent: Agent, params, traj: Transition, gamma, gae_lambda,
+                     bootstrap_truncation: bool = True) -> Batch:
+    """Score the rollout with the critic, compute advantages, flatten [T, N] to [T * N].
+
+    The critic sees every observation and every true next observation in one batched call
+    after the rollout; for steps that did not end an episode, next_obs[t] == obs[t + 1].
+    """
+    T, N = traj.reward.shape
+    obs_shape = traj.obs.shape[2:]
+    both = jnp.concatenate([traj.obs, traj.next_obs]).reshape(2 * T * N, *obs_shape)
+    values, next_values = agent.value(params, both).reshape(2, T, N)
+    terminated = traj.terminated if bootstrap_truncation else traj.terminated | traj.truncated
+    advantages, targets = compute_gae(traj.reward, values, next_values, terminated,
+                                      traj.truncated, gamma, gae_lambda)
+    flat = lambda x: None if x is None else x.reshape(T * N, *x.shape[2:])
+    return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(values),
+                 flat(advantages), flat(targets), flat(traj.mask))
+
+
+# ── Loss ──────────────────────────────────────────────────────────────────────────────────
+
+
+class LossInfo(NamedTuple):
+    """Per-minibatch statistics of the loss."""
+
+    total_loss: jax.Array
+    policy_loss: jax.Array
+    value_loss: jax.Array
+    entropy: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+
+
+def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
+             clip_value_loss: bool = False):
+    """The PPO objective on one minibatch, as a loss to minimise. Returns (loss, LossInfo).
+
+        ratio  = pi(a|s) / pi_old(a|s)
+        L_clip = -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)]     (A normalized per minibatch)
+        L_V    = E[(V(s) - R)^2] / 2          (clipped: max of the plain and clipped squares)
+        loss   = L_clip + vf_coef L_V - ent_coef H[pi]       (the entropy is a bonus: minus sign)
+    """
+    pi = agent.policy(params, batch.obs, batch.mask)
+    log_ratio = pi.log_prob(batch.action) - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    adv = batch.advantage
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    policy_loss = jnp.maximum(-adv * ratio,
+                              -adv * jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)).mean()
+
+    value = agent.value(params, batch.obs)
+    value_loss = jnp.square(value - batch.target)
+    if clip_value_loss:
+        clipped = batch.value + jnp.clip(value - batch.value, -clip_eps, clip_eps)
+        value_loss = jnp.maximum(value_loss, jnp.square(clipped - batch.target))
+    value_loss = 0.5 * value_loss.mean()
+
+    entropy = pi.entropy().mean()
+    loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
+    # k3 estimator of KL(pi_old || pi) (Schulman 2020): unbiased and always >= 0.
+    approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+    clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > clip_eps)
+    return loss, LossInfo(loss, policy_loss, value_loss, entropy, approx_kl, clip_fraction)
+
+
+# ── Update ────────────────────────────────────────────────────────────────────────────────
+
+
+def make_optimizer(max_grad_norm):
+    """Global-norm clipping, then Adam's scaling (eps 1e-5). The learning rate is applied in
+    update_minibatch, so it can follow a schedule and be traced without rebuilding this."""
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                                     optax.scale_by_adam(eps=1e-5)))
+
+
+class UpdateInfo(NamedTuple):
+    """Per-minibatch statistics of one optimizer step."""
+
+    loss: LossInfo
+    grad_norm: jax.Array  # global norm before clipping
+
+
+def update_minibatch(agent: Agent, hp: HParams, clip_value_loss: bool, ent_coef, lr,
+                     train: tuple, batch: Batch):
+    """One Adam step on one minibatch. `train` is (params, opt_state)."""
+    params, opt_state = train
+    grads, info = jax.grad(ppo_loss, has_aux=True)(
+        params, agent, batch, hp.clip_eps, hp.vf_coef, ent_coef, clip_value_loss)
+    updates, opt_state = make_optimizer(hp.max_grad_norm).update(grads, opt_state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+    return (params, opt_state), UpdateInfo(info, optax.tree.norm(grads))
+
+
+def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
+                 batch: Batch, key):
+    """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches)."""
+    permutation = jax.random.permutation(key, config.batch_size)
+    minibatches = jax.tree.map(
+        lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
+                                         *x.shape[1:]), batch)
+    minibatch_step = functools.partial(update_minibatch, agent, hp, config.clip_value_loss,
+                                       ent_coef, lr)
+    return jax.lax.scan(minibatch_step, train, minibatches)
+
+
+def update(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
+           batch: Batch, key):
+    """The learning phase: update_epochs passes over the batch (a lax.scan over epochs).
+
+    With target_kl set, once an epoch's mean approx KL exceeds it, the remaining epochs are
+    skipped (lax.cond, so it works under jit). Returns the new (params, opt_state), the
+    UpdateInfo [epochs, minibatches] and a [epochs] flag of the epochs that ran.
+    """
+    epoch = functools.partial(update_epoch, agent, hp, config, ent_coef, lr)
+    if config.target_kl is None:
+        train, infos = jax.lax.scan(lambda t, k: epoch(t, batch, k), train,
+                                    jax.random.split(key, config.update_epochs))
+        return train, infos, jnp.ones(config.update_epochs, bool)
+
+    no_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(epoch, train, batch, key)[1])
+
+    def epoch_step(carry, epoch_key):
+        train, stopped = carry
+        train, info = jax.lax.cond(stopped, lambda t: (t, no_info),
+                                   lambda t: epoch(t, batch, epoch_key), train)
+        ran = ~stopped
+        stopped = stopped | (info.loss.approx_kl.mean() > hp.target_kl)
+        return (train, stopped), (info, ran)
+
+    (train, _), (infos, ran) = jax.lax.scan(epoch_step, (train, jnp.array(False)),
+                                            jax.random.split(key, config.update_epochs))
+    return train, infos, ran
+
+
+# ── Train ─────────────────────────────────────────────────────────────────────────────────
+
+
+def schedules(config: Config, hp: HParams, update_index):
+    """Linear schedules over updates: (learning rate, entropy coefficient) at this update."""
+    frac = update_index / config.num_updates  # 0 at the first update
+    lr = hp.learning_rate * (1.0 - frac) if config.anneal_lr else hp.learning_rate
+    decay = update_index / max(config.num_updates - 1, 1)  # reaches 1 at the last update
+    ent_coef = hp.ent_coef + (hp.ent_coef_final - hp.ent_coef) * decay
+    return lr, ent_coef
+
+
+def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
+                      key) -> RunnerState:
+    params_key, env_key, key = jax.random.split(key, 3)
+    params = init_params(agent, spec, params_key)
+    obs, env_state, mask = reset_envs(env, env_params, spec, env_key, config.num_envs)
+    zeros = jnp.zeros(config.num_envs)
+    return RunnerState(params, make_optimizer(hp.max_grad_norm).init(params), env_state, obs,
+                       mask, EpisodeStats(zeros, zeros.astype(jnp.int32)), key,
+                       jnp.array(0, jnp.int32))
+
+
+def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
+                state: RunnerState):
+    """One PPO iteration: a rollout, advantages, then the learning phase.
+
+    Returns the new RunnerState and this update's metrics (scalars)."""
+    state, traj, finished = collect_rollout(env, env_params, spec, agent, config.num_steps,
+                                            state)
+    batch = rollout_to_batch(agent, state.params, traj, hp.gamma, hp.gae_lambda,
+                             config.bootstrap_truncation)
+    lr, ent_coef = schedules(config, hp, state.update)
+    key, update_key = jax.random.split(state.key)
+    (params, opt_state), infos, ran = update(agent, hp, config, ent_coef, lr,
+                                             (state.params, state.opt_state), batch, update_key)
+    state = state.replace(params=params, opt_state=opt_state, key=key, update=state.update + 1)
+
+    # Average over every minibatch of the epochs that ran, never the last sample.
+    weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape) / (
+        ran.sum() * config.num_minibatches)
+    mean = lambda x: jnp.sum(x * weights)
+    episodes = jnp.maximum(finished.count, 1)
+    metrics = {
+        "episode_return": jnp.where(finished.count > 0, finished.return_sum / episodes, jnp.nan),
+        "episode_length": jnp.where(finished.count > 0, finished.length_sum / episodes, jnp.nan),
+        "episodes_finished": finished.count,
+        "policy_loss": mean(infos.loss.policy_loss),
+        "value_loss": mean(infos.loss.value_loss),
+        "entropy": mean(infos.loss.entropy),
+        "approx_kl": mean(infos.loss.approx_kl),
+        "clip_fraction": mean(infos.loss.clip_fraction),
+        "explained_variance": 1.0 - jnp.var(batch.target - batch.value) / jnp.var(batch.target),
+        "grad_norm": mean(infos.grad_norm),
+        "learning_rate": lr,
+        "ent_coef": ent_coef,
+        "epochs_run": ran.sum(),
+    }
+    return state, metrics
+
+
+def make_train(config: Config):
+    """Build train(key, hparams=None) -> (RunnerState, metrics) for one seed.
+
+    `train` is pure: jit it, vmap it over keys (seeds) and over HParams (a grid). `metrics`
+    maps each name to an array [U]: one value per update, so memory is O(U).
+    """
+    validate_config(config)
+    env, env_params = make_env(config.env)
+    spec = env_spec(env, env_params, config.action_mask)
+    agent = make_agent(config, spec)
+
+    def train(key, hparams: HParams | None = None):
+        hp = config.hparams() if hparams is None else hparams
+        state = init_runner_state(config, env, env_params, spec, agent, hp, key)
+        step = functools.partial(update_step, config, env, env_params, spec, agent, hp)
+        return jax.lax.scan(lambda s, _: step(s), state, length=config.num_updates)
+
+    return train
+
+
+def make_key(seed: int):
+    """A Philox key. On CPU, threefry's hash runs as a rolled 5-iteration loop per call;
+    Philox's compiles to a few fused ops, which made the rollout 1.5x faster here. Both are
+    exact under vmap, so seed i trains the same alone or batched."""
+    return jax.random.key(seed, impl="philox4x32")
+
+
+def seed_keys(config: Config):
+    """The key of each of the config's num_seeds seeds: [S]."""
+    return jax.random.split(make_key(config.seed), config.num_seeds)
+
+
+def fast_compile_options() -> dict | None:
+    """XLA:CPU's fast-compile preset: a third less compile time, no slower to run (measured
+    with benchmarks/, where compile time is most of a short run's wall time)."""
+    return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"} if jax.default_backend() == "cpu" else None
+
+
+def make_run_seeds(config: Config, on_progress=None):
+    """Build run(keys, hparams) -> (RunnerState [S], metrics {name: [S, U]}), one jit that
+    trains S seeds, or S hyperparameter settings, side by side.
+
+    keys: [S]. hparams: HParams whose fields are scalars (shared) or [S] arrays (one setting
+    per key). The scan over updates sits outside the vmap over seeds, so `on_progress`, if
+    given, is called with all seeds at once through the file's one io_callback:
+        on_progress(update, episode_return [S]) -> the update at which to report next,
+    which lets the host keep to a few calls per second whatever the speed. Without it, the
+    program has no callback at all.
+    """
+    validate_config(config)
+    env, env_params = make_env(config.env)
+    spec = env_spec(env, env_params, config.action_mask)
+    agent = make_agent(config, spec)
+
+    def update_and_report(hp, hp_axes, carry, _):
+        state, next_report = carry
+        step = functools.partial(update_step, config, env, env_params, spec, agent)
+        state, metrics = jax.vmap(step, in_axes=(hp_axes, 0))(hp, state)
+        if on_progress is not None:
+            done = state.update[0]
+            report = lambda: io_callback(
+                on_progress, jax.ShapeDtypeStruct((), jnp.int32), done,
+                metrics["episode_return"])
+            next_report = jax.lax.cond((done >= next_report) | (done == config.num_updates),
+                                       report, lambda: next_report)
+        return (state, next_report), metrics
+
+    @functools.partial(jax.jit, compiler_options=fast_compile_options())
+    def run(keys, hparams: HParams | None = None):
+        hp = config.hparams() if hparams is None else hparams
+        hp_axes = HParams(*(0 if jnp.ndim(v) else None for v in hp))
+        init = functools.partial(init_runner_state, config, env, env_params, spec, agent)
+        carry = (jax.vmap(init, in_axes=(hp_axes, 0))(hp, keys), jnp.array(1, jnp.int32))
+        body = functools.partial(update_and_report, hp, hp_axes)
+        (state, _), metrics = jax.lax.scan(body, carry, length=config.num_updates)
+        return state, jax.tree.map(lambda m: m.T, metrics)  # [U, S] -> [S, U]
+
+    return run
+
+
+# ── Diagnostics / IO ──────────────────────────────────────────────────────────────────────
+
+
+class Progress:
+    """The live progress bar, fed from inside the jit (see make_run_seeds).
+
+    The bar opens at the first report, after compiling, so its rate is the training speed.
+    """
+
+    REPORTS_PER_SECOND = 4
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.bar = None
+        self.last_update = 0
+
+    def __call__(self, update, episode_return):
+        from tqdm import tqdm
+
+        update, now = int(update), time.perf_counter()
+        if self.bar is None:
+            label = self.config.env + (f" x{self.config.num_seeds}" if self.config.num_seeds > 1 else "")
+            self.bar = tqdm(total=self.config.num_updates * self.config.batch_size, unit="step",
+                            unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc=label)
+            self.start, self.first_update = now, update
+        returns = np.asarray(episode_return)
+        if np.isfinite(returns).any():
+            spread = f" (min {np.nanmin(returns):.1f})" if returns.size > 1 else ""
+            self.bar.set_postfix_str(f"return {np.nanmean(returns):.1f}{spread}", refresh=False)
+        self.bar.update((update - self.last_update) * self.config.batch_size)
+        self.last_update = update
+        # Ask to be called again after about 1/REPORTS_PER_SECOND seconds of training.
+        updates_per_second = (update - self.first_update) / max(now - self.start, 1e-9)
+        step = max(1, int(updates_per_second / self.REPORTS_PER_SECOND))
+        return np.int32(min(update + step, self.config.num_updates))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write to a temporary file, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def config_json(config: Config) -> str:
+    derived = {k: getattr(config, k) for k in ("batch_size", "minibatch_size", "num_updates")}
+    return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
+
+
+def metrics_jsonl(config: Config, metrics: dict) -> str:
+    """One JSON object per update per seed; NaN (no episode finished) becomes null."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, U]
+    lines = []
+    for update in range(config.num_updates):
+        for seed in range(config.num_seeds):
+            row = {"update": update, "seed": seed, "env_steps": (update + 1) * config.batch_size}
+            for name, values in host.items():
+                value = values[seed, update].item()
+                row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+            lines.append(json.dumps(row))
+    return "\n".join(lines) + "\n"
+
+
+def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
+    """Mean episode return over seeds, with the min-max band across seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    returns = np.asarray(metrics["episode_return"])  # [S, U]
+    steps = (np.arange(config.num_updates) + 1) * config.batch_size
+    seen = np.isfinite(returns).any(axis=0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, low, high = (f(returns, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
+    ax.plot(steps[seen], mean[seen], label=f"mean of {config.num_seeds} seed(s)")
+    if config.num_seeds > 1:
+        ax.fill_between(steps[seen], low[seen], high[seen], alpha=0.25, label="min-max across seeds")
+    ax.set(xlabel="environment steps per seed", ylabel="episode return", title=config.env)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def final_returns(metrics: dict) -> np.ndarray:
+    """Each seed's return at the last update that finished an episode: [S]."""
+    returns = np.asarray(metrics["episode_return"])
+    last = [r[np.isfinite(r)][-1] if np.isfinite(r).any() else np.nan for r in returns]
+    return np.array(last)
+
+
+# ── CLI ───────────────────────────────────────────────────────────────────────────────────
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Flags -> Config. `--env X` picks the preset first, so explicit flags override it."""
+    import contextlib
+    import io
+
+    import tyro
+
+    env = Config.env
+    for i, arg in enumerate(argv):
+        if arg == "--env" and i + 1 < len(argv):
+            env = argv[i + 1]
+        elif arg.startswith("--env="):
+            env = arg.partition("=")[2]
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Config, default=preset_config(env), args=argv,
+                            description=__doc__.split("\n")[0])
+    except SystemExit as exit:
+        if exit.code in (0, None):
+            sys.stderr.write(captured.getvalue())
+            raise
+        raise ConfigError(one_line(captured.getvalue())) from None
+
+
+def one_line(panel: str) -> str:
+    """The message of tyro's boxed error, joined onto one line."""
+    lines = []
+    for line in panel.splitlines():
+        text = line.strip().strip("│╭╮╰╯").strip()
+        if text.startswith("─") or text.startswith("For full helptext"):
+            if lines:
+                break
+            continue
+        if text and not set(text) <= set("─ "):
+            lines.append(text)
+    message = " ".join(lines) or "could not parse the flags"
+    return f"{message} (see --help)"
+
+
+def create_out_dir(config: Config) -> str:
+    """Create the output folder, or raise ConfigError without leaving anything behind."""
+    out = config.out or os.path.join(
+        "runs", f"{config.env.replace(':', '.').replace('/', '.')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"--out {out} already exists and is not an empty folder; "
+                          "pick a new folder so no earlier run is overwritten")
+    missing = []
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_atomic(os.path.join(out, ".write_test"), "")
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as error:
+        for path in missing:
+            if os.path.isdir(path):
+                os.rmdir(path)
+        raise ConfigError(f"cannot write to --out {out} ({error.strerror}); "
+                          "pick a folder you can write to") from None
+    return out
+
+
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk: a second identical run loads instead of compiling."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "ppo_jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def train_and_save(config: Config, out: str, start: float) -> None:
+    """Compile, train with live progress, write every output, print the summary."""
+    progress = None if config.quiet else Progress(config)
+    run = make_run_seeds(config, on_progress=progress)
+    keys = seed_keys(config)
+    t0 = time.perf_counter()
+    compiled = run.lower(keys).compile()
+    t1 = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(keys))
+    t2 = time.perf_counter()
+    if progress is not None:
+        progress.close()
+
+    write_atomic(os.path.join(out, "metrics.jsonl"), metrics_jsonl(config, metrics))
+    write_atomic(os.path.join(out, "params.msgpack"), serialization.to_bytes(state.params))
+    plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
+
+    steps = config.num_updates * config.batch_size
+    returns = final_returns(metrics)
+    print(f"{config.env}: {config.num_seeds} seed(s) x {steps:,} steps")
+    print("final return per seed: " + " ".join(f"{r:.1f}" for r in returns)
+          + (f"  (mean {np.nanmean(returns):.1f})" if len(returns) > 1 else ""))
+    print(f"{steps * config.num_seeds / (t2 - t1):,.0f} steps/s | compile {t1 - t0:.1f} s | "
+          f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config = parse_config(argv)
+        validate_config(config)
+        env, env_params = make_env(config.env)
+        env_spec(env, env_params, config.action_mask)
+        out = create_out_dir(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if config.compile_cache:
+        enable_compile_cache()
+    write_atomic(os.path.join(out, "config.json"), config_json(config))
+    try:
+        train_and_save(config, out, start)
+    except BaseException as error:
+        leftovers = set(os.listdir(out)) - {"config.json"}
+        if not leftovers:  # nothing was produced: remove the folder rather than leave a stub
+            os.remove(os.path.join(out, "config.json"))
+            os.rmdir(out)
+        if isinstance(error, KeyboardInterrupt):
+            print("\ninterrupted; nothing was saved", file=sys.stderr)
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Small shared pieces for the tests: tiny configs and a built agent."""
+
+import jax
+import jax.numpy as jnp
+
+import ppo_jax as P
+
+TINY = dict(total_timesteps=2048, num_envs=4, num_steps=32, update_epochs=2, num_minibatches=2,
+            hidden_sizes=(16, 16))
+
+
+def tiny_config(**overrides) -> P.Config:
+    return P.Config(**{**TINY, **overrides})
+
+
+def build(config: P.Config, seed: int = 0):
+    """env, env_params, spec, agent and an initial RunnerState for `config`."""
+    env, env_params = P.make_env(config.env)
+    spec = P.env_spec(env, env_params, config.action_mask)
+    agent = P.make_agent(config, spec)
+    state = P.init_runner_state(config, env, env_params, spec, agent, config.hparams(),
+                                P.make_key(seed))
+    return env, env_params, spec, agent, state
+
+
+def numpy_log_softmax(logits):
+    import numpy as np
+
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -1,0 +1,120 @@
+"""make_train and make_run_seeds: determinism, seeds in a vmap, metrics, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ppo_jax as P
+from helpers import build, tiny_config
+
+METRICS = ["episode_return", "episode_length", "episodes_finished", "policy_loss", "value_loss",
+           "entropy", "approx_kl", "clip_fraction", "explained_variance", "grad_norm",
+           "learning_rate", "ent_coef"]
+
+
+def assert_same(a: dict, b: dict, **tolerance):
+    for name in a:
+        np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), err_msg=name,
+                                   **(tolerance or dict(rtol=0, atol=0)))
+
+
+def test_metrics_have_one_value_per_update():
+    config = tiny_config()
+    _, metrics = jax.jit(P.make_train(config))(P.make_key(0))
+    assert set(METRICS) <= set(metrics)
+    for name, values in metrics.items():
+        assert values.shape == (config.num_updates,), name
+
+
+def test_same_seed_gives_identical_metrics():
+    train = jax.jit(P.make_train(tiny_config()))
+    assert_same(train(P.make_key(7))[1], train(P.make_key(7))[1])
+    assert not np.array_equal(train(P.make_key(7))[1]["value_loss"],
+                              train(P.make_key(8))[1]["value_loss"])
+
+
+def test_vmapped_seeds_equal_separate_runs():
+    config = tiny_config()
+    keys = jax.random.split(P.make_key(0), 3)
+    train = P.make_train(config)
+    _, batched = jax.jit(jax.vmap(train))(keys)
+    single = jax.jit(train)
+    for i, key in enumerate(keys):
+        _, alone = single(key)
+        assert_same({k: v[i] for k, v in batched.items()}, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_run_seeds_equals_vmapped_train_and_reports_progress():
+    config = tiny_config(num_seeds=2)
+    calls = []
+
+    def on_progress(update, returns):
+        calls.append((int(update), np.asarray(returns).shape))
+        return np.int32(int(update) + 1)
+
+    _, from_runner = P.make_run_seeds(config, on_progress)(P.seed_keys(config))
+    _, from_vmap = jax.jit(jax.vmap(P.make_train(config)))(P.seed_keys(config))
+    assert_same(from_runner, from_vmap, rtol=1e-5, atol=1e-6)
+    assert [c[0] for c in calls] == list(range(1, config.num_updates + 1))
+    assert all(shape == (2,) for _, shape in calls)
+
+
+def test_episode_statistics_count_only_finished_episodes():
+    """Compare with a host-side tracker fed the raw rewards and done flags, across two
+    rollouts so that episodes span rollout boundaries."""
+    config = tiny_config(num_steps=40)
+    env, env_params, spec, agent, state = build(config)
+    running = np.zeros(config.num_envs)
+    for _ in range(2):
+        state, traj, finished = P.collect_rollout(env, env_params, spec, agent, config.num_steps,
+                                                  state)
+        done = np.asarray(traj.terminated | traj.truncated)
+        ended = []
+        for t in range(config.num_steps):
+            running += np.asarray(traj.reward[t])
+            for n in np.flatnonzero(done[t]):
+                ended.append(running[n])
+                running[n] = 0.0
+        assert int(finished.count) == len(ended) > 0
+        np.testing.assert_allclose(float(finished.return_sum), sum(ended), rtol=1e-6)
+
+
+def test_update_without_finished_episodes_reports_nan_not_zero():
+    config = tiny_config(env="MountainCar-v0", num_steps=16, total_timesteps=4 * 16 * 4)
+    _, metrics = jax.jit(P.make_train(config))(P.make_key(0))  # episodes last 200 steps
+    assert np.isnan(np.asarray(metrics["episode_return"])).all()
+    assert (np.asarray(metrics["episodes_finished"]) == 0).all()
+
+
+def test_schedules_match_a_naive_loop():
+    config = tiny_config(learning_rate=3e-3, ent_coef=0.05, ent_coef_final=0.01)
+    hp = config.hparams()
+    U = config.num_updates
+    for u in range(U):
+        lr, ent = P.schedules(config, hp, jnp.int32(u))
+        np.testing.assert_allclose(lr, 3e-3 * (1 - u / U), rtol=1e-6)
+        np.testing.assert_allclose(ent, 0.05 + (0.01 - 0.05) * u / (U - 1), rtol=1e-5)
+    constant = tiny_config(anneal_lr=False)
+    np.testing.assert_allclose(P.schedules(constant, constant.hparams(), jnp.int32(U - 1))[0],
+                               constant.learning_rate, rtol=1e-6)
+
+
+def test_logged_schedules_are_the_applied_ones():
+    config = tiny_config(learning_rate=1e-3, ent_coef=0.02, ent_coef_final=0.0)
+    _, metrics = jax.jit(P.make_train(config))(P.make_key(0))
+    U = config.num_updates
+    np.testing.assert_allclose(metrics["learning_rate"], 1e-3 * (1 - np.arange(U) / U), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["ent_coef"])[[0, -1]], [0.02, 0.0], atol=1e-8)
+
+
+def test_target_kl_stops_the_remaining_epochs_under_jit_and_vmap():
+    config = tiny_config(update_epochs=4, target_kl=1.0, learning_rate=1e-2)
+    train = P.make_train(config)
+    strict, loose = config.hparams()._replace(target_kl=1e-9), config.hparams()._replace(target_kl=1e9)
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), strict, loose)
+    _, metrics = jax.jit(jax.vmap(train))(jax.random.split(P.make_key(0), 2), both)
+    epochs = np.asarray(metrics["epochs_run"])
+    assert (epochs[0] == 1).all()  # the first epoch always runs, then KL > 1e-9 stops it
+    assert (epochs[1] == 4).all()
+    assert not np.allclose(metrics["policy_loss"][0], metrics["policy_loss"][1])
