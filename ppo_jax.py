@@ -112,6 +112,10 @@ class Config:
     """Use the env's action_mask(state, params) method: auto = when it has one."""
     bootstrap_truncation: bool = True
     """Bootstrap from V(final observation) at time limits; off treats them as terminal."""
+    normalize_obs: bool = False
+    """Normalize observations by running mean and variance (kept in the jitted state)."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return (as gymnasium does)."""
     out: str | None = None
     """Output folder (default runs/<env>-<timestamp>)."""
     quiet: bool = False
@@ -267,6 +271,67 @@ def action_masks(env, env_params, spec: EnvSpec, env_state):
     if not spec.masked:
         return None
     return jax.vmap(env.action_mask, in_axes=(0, None))(env_state, env_params).astype(bool)
+
+
+class RunningStats(NamedTuple):
+    """Mean and variance of every sample seen so far."""
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def update_running_stats(stats: RunningStats | None, batch) -> RunningStats:
+    """Fold a batch [N, ...] into the statistics (Chan et al.'s parallel variance update)."""
+    batch_mean, batch_var, n = batch.mean(0), batch.var(0), batch.shape[0]
+    if stats is None:
+        return RunningStats(batch_mean, batch_var, jnp.float32(n))
+    delta = batch_mean - stats.mean
+    total = stats.count + n
+    m2 = stats.var * stats.count + batch_var * n + delta**2 * stats.count * n / total
+    return RunningStats(stats.mean + delta * n / total, m2 / total, total)
+
+
+def normalize(stats: RunningStats | None, x, clip: float = 10.0):
+    """(x - mean) / std, clipped to +-clip; the identity when stats is None."""
+    if stats is None:
+        return x.astype(jnp.float32)
+    return jnp.clip((x - stats.mean) / jnp.sqrt(stats.var + 1e-8), -clip, clip)
+
+
+class Normalizers(NamedTuple):
+    """Running statistics for --normalize-obs and --normalize-reward (None when off)."""
+
+    obs: RunningStats | None  # over observations, per feature
+    reward: RunningStats | None  # over the discounted return, a scalar
+    discounted_return: jax.Array | None  # [N] running discounted return of each env
+
+
+def init_normalizers(config: Config, obs) -> Normalizers:
+    if not config.normalize_reward:
+        return Normalizers(update_running_stats(None, obs) if config.normalize_obs else None,
+                           None, None)
+    zero = jnp.zeros(obs.shape[0])
+    return Normalizers(update_running_stats(None, obs) if config.normalize_obs else None,
+                       RunningStats(jnp.float32(0.0), jnp.float32(1.0), jnp.float32(1e-4)), zero)
+
+
+def update_normalizers(norm: Normalizers, obs, reward, done, gamma) -> Normalizers:
+    """Fold one step of N envs (new observations, rewards, episode ends) into the stats."""
+    obs_stats = None if norm.obs is None else update_running_stats(norm.obs, obs)
+    if norm.reward is None:
+        return Normalizers(obs_stats, None, None)
+    discounted = norm.discounted_return * gamma + reward
+    reward_stats = update_running_stats(norm.reward, discounted)
+    return Normalizers(obs_stats, reward_stats, jnp.where(done, 0.0, discounted))
+
+
+def scale_reward(norm: Normalizers, reward):
+    """Divide by the std of the discounted return (no centering: the sign of a reward is
+    information), clipped to +-10."""
+    if norm.reward is None:
+        return reward
+    return jnp.clip(reward / jnp.sqrt(norm.reward.var + 1e-8), -10.0, 10.0)
 
 
 # ── Networks ──────────────────────────────────────────────────────────────────────────────
@@ -467,38 +532,45 @@ class RunnerState(struct.PyTreeNode):
     obs: jax.Array  # [N, *obs_shape]
     mask: jax.Array | None  # [N, A] or None
     episodes: EpisodeStats
+    norm: Normalizers
     key: jax.Array
     update: jax.Array  # int32 count of updates done: drives the schedules
 
 
-def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int,
+def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int, gamma,
                     state: RunnerState):
     """The rollout phase: run the current policy for T steps in N envs (one lax.scan).
 
     Returns the advanced state, the stacked Transitions [T, N, ...], and FinishedEpisodes
     summed over the rollout (only episodes that ended count; none are padded with zeros).
+    Transitions hold what the learner sees: normalized observations and scaled rewards when
+    normalization is on. Episode returns are always in the env's own reward.
     """
 
     def env_step(state: RunnerState, _):
         key, action_key, step_key = jax.random.split(state.key, 3)
-        pi = agent.policy(state.params, state.obs, state.mask)
+        obs = normalize(state.norm.obs, state.obs)
+        pi = agent.policy(state.params, obs, state.mask)
         action = pi.sample(action_key)
         env_action = action if spec.discrete else jnp.clip(action, spec.action_low,
                                                            spec.action_high)
         step_keys = jax.random.split(step_key, env_action.shape[0])
-        obs, env_state, reward, terminated, truncated, info = jax.vmap(
+        next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
             env.step, in_axes=(0, 0, 0, None))(step_keys, state.env_state, env_action,
                                                env_params)
-        transition = Transition(state.obs, action, pi.log_prob(action), reward.astype(
-            jnp.float32), terminated, truncated, info["final_observation"], state.mask)
+        reward = reward.astype(jnp.float32)
         done = terminated | truncated
+        norm = update_normalizers(state.norm, next_obs, reward, done, gamma)
+        transition = Transition(obs, action, pi.log_prob(action), scale_reward(norm, reward),
+                                terminated, truncated,
+                                normalize(norm.obs, info["final_observation"]), state.mask)
         returns = state.episodes.returns + reward
         lengths = state.episodes.lengths + 1
         finished = FinishedEpisodes(jnp.sum(done), jnp.sum(jnp.where(done, returns, 0.0)),
                                     jnp.sum(jnp.where(done, lengths, 0)))
         episodes = EpisodeStats(jnp.where(done, 0.0, returns), jnp.where(done, 0, lengths))
-        state = state.replace(env_state=env_state, obs=obs, key=key, episodes=episodes,
-                              mask=action_masks(env, env_params, spec, env_state))
+        state = state.replace(env_state=env_state, obs=next_obs, key=key, episodes=episodes,
+                              norm=norm, mask=action_masks(env, env_params, spec, env_state))
         return state, (transition, finished)
 
     state, (transitions, finished) = jax.lax.scan(env_step, state, length=num_steps,
@@ -702,8 +774,8 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
     obs, env_state, mask = reset_envs(env, env_params, spec, env_key, config.num_envs)
     zeros = jnp.zeros(config.num_envs)
     return RunnerState(params, make_optimizer(hp.max_grad_norm).init(params), env_state, obs,
-                       mask, EpisodeStats(zeros, zeros.astype(jnp.int32)), key,
-                       jnp.array(0, jnp.int32))
+                       mask, EpisodeStats(zeros, zeros.astype(jnp.int32)),
+                       init_normalizers(config, obs), key, jnp.array(0, jnp.int32))
 
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
@@ -712,7 +784,7 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
 
     Returns the new RunnerState and this update's metrics (scalars)."""
     state, traj, finished = collect_rollout(env, env_params, spec, agent, config.num_steps,
-                                            state)
+                                            hp.gamma, state)
     batch = rollout_to_batch(agent, state.params, traj, hp.gamma, hp.gae_lambda,
                              config.bootstrap_truncation)
     lr, ent_coef = schedules(config, hp, state.update)

@@ -76,7 +76,7 @@ def test_first_minibatch_has_ratio_one_no_clipping_and_zero_kl():
     """The rollout's log-probs are recomputed exactly by the loss at unchanged parameters."""
     config = tiny_config(env="Acrobot-v1")
     env, env_params, spec, agent, state = build(config)
-    state, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, state)
+    state, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, 0.99, state)
     batch = P.rollout_to_batch(agent, state.params, traj, 0.99, 0.95)
     first = jax.tree.map(lambda x: x[: config.minibatch_size], batch)
     pi = agent.policy(state.params, first.obs)

@@ -104,7 +104,7 @@ def test_training_with_a_mask_never_takes_an_illegal_action():
     config = tiny_config(env=ENV_ID, total_timesteps=4096)
     env, env_params, spec, agent, state = build(config)
     assert spec.masked
-    state, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, state)
+    state, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, 0.99, state)
     legal = np.take_along_axis(np.asarray(traj.mask), np.asarray(traj.action)[..., None], -1)
     assert legal.all()
     _, metrics = jax.jit(P.make_train(config))(P.make_key(0))

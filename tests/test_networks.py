@@ -58,7 +58,7 @@ def test_gaussian_log_prob_and_entropy_match_numpy():
 def test_continuous_actions_are_stored_unclipped_and_clipped_only_for_the_env():
     config = tiny_config(env="Pendulum-v1", log_std_init=1.5)  # wide: many samples exceed +-2
     env, env_params, spec, agent, state = build(config)
-    _, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, state)
+    _, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, 0.99, state)
     action = np.asarray(traj.action)
     assert np.abs(action).max() > 2.0
     pi = agent.policy(state.params, traj.obs[0])

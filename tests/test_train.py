@@ -67,8 +67,8 @@ def test_episode_statistics_count_only_finished_episodes():
     env, env_params, spec, agent, state = build(config)
     running = np.zeros(config.num_envs)
     for _ in range(2):
-        state, traj, finished = P.collect_rollout(env, env_params, spec, agent, config.num_steps,
-                                                  state)
+        state, traj, finished = P.collect_rollout(env, env_params, spec, agent,
+                                                  config.num_steps, 0.99, state)
         done = np.asarray(traj.terminated | traj.truncated)
         ended = []
         for t in range(config.num_steps):

@@ -1,0 +1,155 @@
+"""Speed, memory and preset benchmarks for ppo_jax. Timings are checked here, never in tests.
+
+    python benchmarks/bench.py cold         # `python ppo_jax.py` twice: cold, then cached
+    python benchmarks/bench.py throughput   # the standard config: compile time and steps/s
+    python benchmarks/bench.py presets      # every preset: final return, steps, wall time
+    python benchmarks/bench.py seeds8       # 8 vmapped CartPole seeds, each must reach 475
+    python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
+    python benchmarks/bench.py all
+
+Each prints its numbers and the machine they came from. Run one benchmark at a time on an
+otherwise idle machine: two at once share the cores and both numbers lie.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import jax
+
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
+
+
+def run_cli(args: list[str], cache_home: str) -> tuple[float, str]:
+    env = {**os.environ, "XDG_CACHE_HOME": cache_home}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_jax.py"), *args],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return elapsed, result.stdout
+
+
+def cold() -> None:
+    """The default run, as a newcomer types it: first with an empty compilation cache, then
+    again. Also with --quiet, whose program has no host callback and so can be cached."""
+    for extra in ([], ["--quiet"]):
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+            for attempt in ("cold", "second"):
+                elapsed, stdout = run_cli(["--out", os.path.join(out, attempt), *extra], cache)
+                returns = re.search(r"final return per seed: ([\d. -]+)", stdout).group(1).strip()
+                inner = re.search(r"compile ([\d.]+) s \| train ([\d.]+) s", stdout)
+                print(f"python ppo_jax.py {' '.join(extra):8s} {attempt:6s}: {elapsed:5.1f} s wall "
+                      f"(compile {inner.group(1)} s, train {inner.group(2)} s), final return {returns}")
+
+
+def throughput(repeats: int = 5) -> None:
+    """The standard config (Config's defaults): CartPole, 4 envs x 128 steps, 5e5 steps,
+    4 epochs x 4 minibatches, 64x64 tanh, lr 2.5e-4."""
+    import jax
+
+    import ppo_jax as P
+
+    config = P.Config()
+    run = P.make_run_seeds(config)
+    keys = P.seed_keys(config)
+    start = time.perf_counter()
+    compiled = run.lower(keys).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(keys))
+        times.append(time.perf_counter() - start)
+    steps = config.num_updates * config.batch_size
+    print(f"standard config: compile {compile_s:.1f} s; {steps / statistics.median(times):,.0f} "
+          f"steps/s median, {steps / min(times):,.0f} best of {repeats}")
+
+
+def presets(seeds: int = 4) -> None:
+    import jax
+    import numpy as np
+
+    import ppo_jax as P
+
+    print(f"{'env':26s} {'steps':>10s} {'final return (mean, min over seeds)':>36s} "
+          f"{'wall per seed alone':>20s}")
+    for env in P.PRESETS:
+        config = P.preset_config(env, num_seeds=seeds)
+        run = P.make_run_seeds(config)
+        keys = P.seed_keys(config)
+        compiled = run.lower(keys).compile()
+        start = time.perf_counter()
+        _, metrics = jax.block_until_ready(compiled(keys))
+        elapsed = time.perf_counter() - start
+        returns = P.final_returns(metrics)
+        single = P.make_run_seeds(P.preset_config(env, num_seeds=1))
+        one = single.lower(keys[:1]).compile()
+        start = time.perf_counter()
+        jax.block_until_ready(one(keys[:1]))
+        alone = time.perf_counter() - start
+        steps = config.num_updates * config.batch_size
+        print(f"{env:26s} {steps:>10,d} {np.mean(returns):>22.1f}, {np.min(returns):>8.1f} "
+              f"{alone:>17.1f} s   ({seeds} seeds together: {elapsed:.1f} s)")
+
+
+def seeds8() -> None:
+    import jax
+    import numpy as np
+
+    import ppo_jax as P
+
+    config = P.preset_config("CartPole-v1", num_seeds=8)
+    run = P.make_run_seeds(config)
+    compiled = run.lower(P.seed_keys(config)).compile()
+    start = time.perf_counter()
+    _, metrics = jax.block_until_ready(compiled(P.seed_keys(config)))
+    returns = P.final_returns(metrics)
+    verdict = "all >= 475" if (returns >= 475).all() else "NOT all >= 475"
+    print(f"8 vmapped CartPole seeds in {time.perf_counter() - start:.1f} s: "
+          f"{np.round(returns, 1).tolist()} ({verdict})")
+
+
+def memory(steps: int = 20_000_000) -> None:
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        elapsed, stdout = run_cli(["--total-timesteps", str(steps), "--quiet", "--out",
+                                   os.path.join(out, "run")], cache)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"CartPole preset, {steps:,} steps: peak RSS {peak_mb:.0f} MB, {elapsed:.0f} s wall; "
+          + stdout.strip().splitlines()[-1])
+
+
+BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
+              "memory": memory}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or ["all"]
+    if names == ["all"]:
+        names = list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        sys.exit(f"error: unknown benchmark {', '.join(sorted(unknown))}; "
+                 f"choose from {', '.join(BENCHMARKS)} or all")
+    print(machine())
+    for name in names:
+        BENCHMARKS[name]()
