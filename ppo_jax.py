@@ -31,6 +31,7 @@ Conventions, where PPO codebases disagree:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -38,7 +39,9 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Literal, NamedTuple
@@ -118,6 +121,14 @@ class Config:
     """Scale rewards by the running std of the discounted return (as gymnasium does)."""
     out: str | None = None
     """Output folder (default runs/<env>-<timestamp>)."""
+    eval_every: int = 0
+    """Every N updates, evaluate each seed on fresh episodes (0: never), into the metrics."""
+    eval_episodes: int = 16
+    """Episodes per evaluation during training (--eval-every)."""
+    save_every: int = 0
+    """Also checkpoint every N updates (0: only at the end, on Ctrl-C, or on a NaN)."""
+    resume: str | None = None
+    """Continue the run in this folder from its checkpoint, with its own config."""
     quiet: bool = False
     """No live progress bar."""
     compile_cache: bool = True
@@ -187,7 +198,7 @@ def preset_config(env: str, **overrides: Any) -> Config:
 def validate_config(config: Config) -> None:
     """Raise ConfigError, naming the fix, for any setting that cannot train."""
     sizes = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "update_epochs",
-             "num_minibatches")
+             "num_minibatches", "eval_episodes")
     for name in sizes:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
@@ -211,6 +222,10 @@ def validate_config(config: Config) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.ent_coef_final is not None and not config.ent_coef_final >= 0:
         raise ConfigError(f"ent_coef_final must be >= 0, got {config.ent_coef_final}")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0 never evaluates), got {config.eval_every}")
+    if config.save_every < 0:
+        raise ConfigError(f"save_every must be >= 0 (0 saves only at the end), got {config.save_every}")
     if config.target_kl is not None and not config.target_kl > 0:
         raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
 
@@ -492,6 +507,21 @@ def make_agent(config: Config, spec: EnvSpec) -> Agent:
     return Agent(
         Actor(spec, config.hidden_sizes, config.activation, config.log_std_init),
         Critic(config.hidden_sizes, config.activation))
+
+
+class Setup(NamedTuple):
+    """What a config builds before any array exists: the env, its spec and the agent."""
+
+    env: Any
+    env_params: Any
+    spec: EnvSpec
+    agent: Agent
+
+
+def make_setup(config: Config) -> Setup:
+    env, env_params = make_env(config.env)
+    spec = env_spec(env, env_params, config.action_mask)
+    return Setup(env, env_params, spec, make_agent(config, spec))
 
 
 def init_params(agent: Agent, spec: EnvSpec, key) -> dict:
@@ -832,9 +862,7 @@ def make_train(config: Config):
     maps each name to an array [U]: one value per update, so memory is O(U).
     """
     validate_config(config)
-    env, env_params = make_env(config.env)
-    spec = env_spec(env, env_params, config.action_mask)
-    agent = make_agent(config, spec)
+    env, env_params, spec, agent = make_setup(config)
 
     def train(key, hparams: HParams | None = None):
         hp = config.hparams() if hparams is None else hparams
@@ -845,11 +873,14 @@ def make_train(config: Config):
     return train
 
 
+KEY_IMPL = "philox4x32"
+
+
 def make_key(seed: int):
     """A Philox key. On CPU, threefry's hash runs as a rolled 5-iteration loop per call;
     Philox's compiles to a few fused ops, which made the rollout 1.5x faster here. Both are
     exact under vmap, so seed i trains the same alone or batched."""
-    return jax.random.key(seed, impl="philox4x32")
+    return jax.random.key(seed, impl=KEY_IMPL)
 
 
 def seed_keys(config: Config):
@@ -863,63 +894,268 @@ def fast_compile_options() -> dict | None:
     return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"} if jax.default_backend() == "cpu" else None
 
 
-def make_run_seeds(config: Config, on_progress=None):
-    """Build run(keys, hparams) -> (RunnerState [S], metrics {name: [S, U]}), one jit that
-    trains S seeds, or S hyperparameter settings, side by side.
+# What stopped the training loop before its last update (Loop.stop).
+RUNNING, STOPPED, NONFINITE = 0, 1, 2
+# Metrics that must stay finite; a NaN or inf in any of them, or in the parameters, stops
+# training and keeps the last good state.
+GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm")
 
-    keys: [S]. hparams: HParams whose fields are scalars (shared) or [S] arrays (one setting
-    per key). The scan over updates sits outside the vmap over seeds, so `on_progress`, if
-    given, is called with all seeds at once through the file's one io_callback:
-        on_progress(update, episode_return [S]) -> the update at which to report next,
-    which lets the host keep to a few calls per second whatever the speed. Without it, the
-    program has no callback at all.
+
+class Loop(struct.PyTreeNode):
+    """The state of a whole training run of S seeds: what a checkpoint holds."""
+
+    runner: RunnerState  # [S] one RunnerState per seed; runner.update counts finished updates
+    history: dict  # {metric: [U, S]}; rows beyond the finished updates are zeros
+    stop: jax.Array  # int32: RUNNING, STOPPED (the host asked) or NONFINITE
+    bad_metric: jax.Array  # int32 index into GUARDED + ("parameters",) when stop == NONFINITE
+
+    @property
+    def updates_done(self) -> int:
+        return int(self.runner.update[0])
+
+    def metrics(self) -> dict:
+        """{metric: [S, updates done]} as NumPy arrays."""
+        done = self.updates_done
+        return {k: np.asarray(v)[:done].T for k, v in self.history.items()}
+
+
+class Runner(NamedTuple):
+    """Two jitted programs: init(keys, hparams=None) -> Loop, and run(loop, hparams=None) ->
+    Loop, which trains until the last update or a stop. A resumed run calls the same `run`
+    on a loaded Loop, so it computes bitwise what the uninterrupted run would have."""
+
+    init: Any
+    run: Any
+
+
+def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
+    """Build the training loop that the command line uses: S seeds, or S hyperparameter
+    settings, side by side in one jit (keys [S]; HParams fields are scalars or [S]).
+
+    The loop over updates is a lax.while_loop outside the vmap over seeds, so host calls come
+    once for all seeds. These are the file's only host calls, both through io_callback:
+      on_report(updates_done, episode_return [S]) -> (next update to report at, stop?)
+        lets the host show progress a few times a second and ask the loop to stop (Ctrl-C);
+      on_checkpoint(loop) every config.save_every updates.
+    With neither, the program has no host call, and JAX's persistent cache can keep it.
     """
     validate_config(config)
-    env, env_params = make_env(config.env)
-    spec = env_spec(env, env_params, config.action_mask)
-    agent = make_agent(config, spec)
+    env, env_params, spec, agent = make_setup(config)
+    axes = lambda hp: HParams(*(0 if jnp.ndim(v) else None for v in hp))
 
-    def update_and_report(hp, hp_axes, carry, _):
-        state, next_report = carry
+    def evaluate_seeds(runner: RunnerState, done):
+        """Mean deterministic and stochastic return of each seed's current policy: 2 x [S]."""
+        keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
+                                config.num_seeds)
+        run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
+            env, env_params, spec, agent, params, stats, key, config.eval_episodes,
+            deterministic).mean())(runner.params, runner.norm.obs, keys)
+        return run(True), run(False)
+
+    def one_update(hp, runner):
+        """update_step for every seed, plus an evaluation when --eval-every says so."""
         step = functools.partial(update_step, config, env, env_params, spec, agent)
-        state, metrics = jax.vmap(step, in_axes=(hp_axes, 0))(hp, state)
-        if on_progress is not None:
-            done = state.update[0]
-            report = lambda: io_callback(
-                on_progress, jax.ShapeDtypeStruct((), jnp.int32), done,
-                metrics["episode_return"])
-            next_report = jax.lax.cond((done >= next_report) | (done == config.num_updates),
-                                       report, lambda: next_report)
-        return (state, next_report), metrics
+        runner, metrics = jax.vmap(step, in_axes=(axes(hp), 0))(hp, runner)
+        if config.eval_every:
+            done = runner.update[0]
+            due = (done % config.eval_every == 0) | (done == config.num_updates)
+            nan = jnp.full(config.num_seeds, jnp.nan)
+            evals = jax.lax.cond(due, lambda: evaluate_seeds(runner, done), lambda: (nan, nan))
+            metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
+        return runner, metrics
 
     @functools.partial(jax.jit, compiler_options=fast_compile_options())
-    def run(keys, hparams: HParams | None = None):
+    def init(keys, hparams: HParams | None = None) -> Loop:
         hp = config.hparams() if hparams is None else hparams
-        hp_axes = HParams(*(0 if jnp.ndim(v) else None for v in hp))
-        init = functools.partial(init_runner_state, config, env, env_params, spec, agent)
-        carry = (jax.vmap(init, in_axes=(hp_axes, 0))(hp, keys), jnp.array(1, jnp.int32))
-        body = functools.partial(update_and_report, hp, hp_axes)
-        (state, _), metrics = jax.lax.scan(body, carry, length=config.num_updates)
-        return state, jax.tree.map(lambda m: m.T, metrics)  # [U, S] -> [S, U]
+        init_one = functools.partial(init_runner_state, config, env, env_params, spec, agent)
+        runner = jax.vmap(init_one, in_axes=(axes(hp), 0))(hp, keys)
+        rows = jax.eval_shape(one_update, hp, runner)[1]
+        history = {k: jnp.zeros((config.num_updates, *v.shape), v.dtype) for k, v in rows.items()}
+        return Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
 
-    return run
+    def loop_body(hp, carry):
+        loop, next_report = carry
+        done = loop.runner.update[0] + 1
+        runner, metrics = one_update(hp, loop.runner)
+        finite = jnp.stack([jnp.isfinite(metrics[k]).all() for k in GUARDED]
+                           + [jnp.all(jnp.array([jnp.isfinite(p).all()
+                                                 for p in jax.tree.leaves(runner.params)]))])
+        ok = finite.all()
+        # A non-finite update is not kept: the loop ends on the last good state.
+        runner = jax.tree.map(lambda new, old: jnp.where(ok, new, old), runner, loop.runner)
+        loop = loop.replace(
+            runner=runner,
+            history={k: h.at[done - 1].set(metrics[k]) for k, h in loop.history.items()},
+            stop=jnp.where(ok, loop.stop, NONFINITE),
+            bad_metric=jnp.where(ok, loop.bad_metric, jnp.argmin(finite)))
+        if on_checkpoint is not None and config.save_every:
+            due = ok & (done % config.save_every == 0) & (done < config.num_updates)
+            jax.lax.cond(due, lambda: io_callback(on_checkpoint, None, keys_to_data(loop)),
+                         lambda: None)
+        if on_report is not None:
+            report = lambda: io_callback(
+                on_report, (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), bool)),
+                done, metrics["episode_return"])
+            next_report, stop = jax.lax.cond(
+                (done >= next_report) | (done == config.num_updates) | ~ok, report,
+                lambda: (next_report, jnp.array(False)))
+            loop = loop.replace(stop=jnp.where(stop & ok, STOPPED, loop.stop))
+        return loop, next_report
+
+    def keep_going(carry):
+        loop, _ = carry
+        return (loop.runner.update[0] < config.num_updates) & (loop.stop == RUNNING)
+
+    @functools.partial(jax.jit, compiler_options=fast_compile_options())
+    def run(loop: Loop, hparams: HParams | None = None) -> Loop:
+        hp = config.hparams() if hparams is None else hparams
+        carry = (loop.replace(stop=jnp.int32(RUNNING)), jnp.int32(1))
+        return jax.lax.while_loop(keep_going, functools.partial(loop_body, hp), carry)[0]
+
+    return Runner(init, run)
+
+
+# ── Evaluation ────────────────────────────────────────────────────────────────────────────
+
+
+def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, key,
+             num_episodes: int, deterministic: bool):
+    """Return [E] of E fresh episodes, run side by side until each one's first end.
+
+    Deterministic picks the most likely action (the Gaussian's mean); stochastic samples.
+    Observations are normalized with the frozen training statistics `obs_stats` (or None).
+    """
+    max_steps = getattr(env_params, "max_steps_in_episode", 1000)  # every episode ends by then
+    reset_key, key = jax.random.split(key)
+    obs, env_state, mask = reset_envs(env, env_params, spec, reset_key, num_episodes)
+
+    def eval_step(carry):
+        t, obs, env_state, mask, returns, running = carry
+        action_key, step_key = jax.random.split(jax.random.fold_in(key, t))
+        pi = agent.policy(params, normalize(obs_stats, obs), mask)
+        action = pi.mode() if deterministic else pi.sample(action_key)
+        if not spec.discrete:
+            action = jnp.clip(action, spec.action_low, spec.action_high)
+        obs, env_state, reward, terminated, truncated, _ = jax.vmap(
+            env.step, in_axes=(0, 0, 0, None))(jax.random.split(step_key, num_episodes),
+                                               env_state, action, env_params)
+        returns = returns + jnp.where(running, reward, 0.0)
+        running = running & ~(terminated | truncated)
+        mask = action_masks(env, env_params, spec, env_state)
+        return t + 1, obs, env_state, mask, returns, running
+
+    # Stop once every episode has ended: most end long before the time limit.
+    carry = (0, obs, env_state, mask, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool))
+    carry = jax.lax.while_loop(lambda c: (c[0] < max_steps) & c[-1].any(), eval_step, carry)
+    return carry[-2]
+
+
+def load_run(run_dir: str) -> tuple[Config, Loop]:
+    """A run folder's config and its last checkpoint."""
+    config = read_config(run_dir)
+    template = jax.eval_shape(make_runner(config).init, seed_keys(config))
+    return config, load_checkpoint(config, run_dir, template)
+
+
+def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
+    """A trained policy as a plain function, NumPy observation -> action, for any loop
+    (e.g. Gymnasium's): `act = load_policy("runs/x"); obs, *_ = env.step(act(obs))`.
+
+    It applies the run's frozen observation normalization, clips continuous actions to
+    the env's bounds, and accepts an optional legal-action `mask` for masked envs.
+    """
+    config, loop = load_run(run_dir)
+    if not 0 <= seed < config.num_seeds:
+        raise ConfigError(f"seed {seed} is not in {run_dir}, which trained seeds 0 to "
+                          f"{config.num_seeds - 1}")
+    _, _, spec, agent = make_setup(config)
+    params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
+
+    @jax.jit
+    def act(obs, mask, key):
+        pi = agent.policy(params, normalize(obs_stats, obs[None]), mask)
+        action = (pi.mode() if deterministic else pi.sample(key))[0]
+        return action if spec.discrete else jnp.clip(action, spec.action_low, spec.action_high)
+
+    keys = iter(jax.random.split(make_key(seed), 1_000_000))
+
+    def policy(obs, mask=None):
+        mask = None if mask is None else jnp.asarray(mask, bool)[None]
+        action = np.asarray(act(jnp.asarray(obs, jnp.float32), mask, next(keys)))
+        return int(action) if spec.discrete else action
+
+    return policy
+
+
+MAX_FRAMES = 150
+
+
+def render_episode(config: Config, loop: Loop, path: str, seed: int = 0) -> float:
+    """Save a GIF of one deterministic episode of `seed`'s policy through gymnax's
+    Visualizer (classic control, MinAtar and a few others). Returns the episode's return."""
+    env, env_params, spec, agent = make_setup(config)
+    params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
+    max_steps = getattr(env_params, "max_steps_in_episode", 1000)
+
+    @jax.jit
+    def episode(key):
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+
+        def step(carry, step_key):
+            obs, env_state = carry
+            mask = None if not spec.masked else env.action_mask(env_state, env_params)[None]
+            action = agent.policy(params, normalize(obs_stats, obs[None]), mask).mode()[0]
+            if not spec.discrete:
+                action = jnp.clip(action, spec.action_low, spec.action_high)
+            next_obs, next_state, reward, terminated, truncated, _ = env.step(
+                step_key, env_state, action, env_params)
+            return (next_obs, next_state), (env_state, reward, terminated | truncated)
+
+        return jax.lax.scan(step, (obs, env_state), jax.random.split(key, max_steps))[1]
+
+    states, rewards, done = jax.device_get(episode(make_key(seed)))
+    length = int(np.argmax(done)) + 1 if done.any() else len(done)
+    # Drawing a frame takes ~0.2 s: keep at most MAX_FRAMES, evenly spaced over the episode.
+    shown = np.unique(np.linspace(0, length - 1, min(length, MAX_FRAMES)).astype(int))
+    frames = [jax.tree.map(lambda x: x[t], states) for t in shown]
+    for device in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER"):  # pygame draws off-screen, silently
+        os.environ.setdefault(device, "dummy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gymnax.visualize import Visualizer
+
+    tmp = f"{path}.tmp{os.getpid()}.gif"
+    try:
+        Visualizer(env, env_params, frames, np.cumsum(rewards)[shown]).animate(tmp)
+        os.replace(tmp, path)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ConfigError(f"gymnax cannot draw {config.env}; --render supports classic "
+                          "control and MinAtar envs") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return float(rewards[:length].sum())
 
 
 # ── Diagnostics / IO ──────────────────────────────────────────────────────────────────────
 
 
 class Progress:
-    """The live progress bar, fed from inside the jit (see make_run_seeds).
+    """The host end of make_runner's on_report: the live progress bar, and the way Ctrl-C
+    reaches the jitted loop (a stop request, answered at the next report).
 
     The bar opens at the first report, after compiling, so its rate is the training speed.
     """
 
     REPORTS_PER_SECOND = 4
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, show: bool = True):
+        self.config, self.show = config, show
         self.bar = None
-        self.last_update = 0
+        self.last_update = 0  # a resumed run starts at its checkpoint's update
+        self.stop_requested = False
 
     def __call__(self, update, episode_return):
         from tqdm import tqdm
@@ -928,30 +1164,77 @@ class Progress:
         if self.bar is None:
             label = self.config.env + (f" x{self.config.num_seeds}" if self.config.num_seeds > 1 else "")
             self.bar = tqdm(total=self.config.num_updates * self.config.batch_size, unit="step",
-                            unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc=label)
-            self.start, self.first_update = now, update
+                            initial=self.last_update * self.config.batch_size, unit_scale=True,
+                            dynamic_ncols=True, file=sys.stderr, desc=label, disable=not self.show)
+            self.last_time, self.step = now, 1
         returns = np.asarray(episode_return)
         if np.isfinite(returns).any():
             spread = f" (min {np.nanmin(returns):.1f})" if returns.size > 1 else ""
             self.bar.set_postfix_str(f"return {np.nanmean(returns):.1f}{spread}", refresh=False)
         self.bar.update((update - self.last_update) * self.config.batch_size)
-        self.last_update = update
-        # Ask to be called again after about 1/REPORTS_PER_SECOND seconds of training.
-        updates_per_second = (update - self.first_update) / max(now - self.start, 1e-9)
-        step = max(1, int(updates_per_second / self.REPORTS_PER_SECOND))
-        return np.int32(min(update + step, self.config.num_updates))
+        # Ask to be called again after about 1/REPORTS_PER_SECOND seconds of training. The
+        # step at most doubles per report: the first reports come microseconds apart, and a
+        # rate measured over them would overshoot to the end of training.
+        rate = (update - self.last_update) / max(now - self.last_time, 1e-9)
+        self.step = max(1, min(int(rate / self.REPORTS_PER_SECOND), 2 * self.step))
+        self.last_update, self.last_time = update, now
+        return (np.int32(min(update + self.step, self.config.num_updates)),
+                np.bool_(self.stop_requested))
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
 
 
+def run_stoppable(progress: Progress | None, fn):
+    """fn(), where the first Ctrl-C asks the training loop to stop after the current update
+    (it is then checkpointed) and a second one aborts at once.
+
+    Python runs signal handlers only in the main thread, and not while that thread waits
+    inside XLA: so fn runs in a worker thread while the main thread waits in short naps.
+    Without a report channel (progress is None), Ctrl-C simply aborts.
+    """
+    if progress is None:
+        return fn()
+
+    def handler(signum, frame):
+        if progress.stop_requested:
+            raise KeyboardInterrupt
+        progress.stop_requested = True
+        print("\nstopping after this update to save a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    outcome = {}
+
+    def work():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the main thread below
+            outcome["error"] = error
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def write_atomic(path: str, data: bytes | str) -> None:
     """Write to a temporary file, then rename: a reader never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def config_json(config: Config) -> str:
@@ -961,9 +1244,9 @@ def config_json(config: Config) -> str:
 
 def metrics_jsonl(config: Config, metrics: dict) -> str:
     """One JSON object per update per seed; NaN (no episode finished) becomes null."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, U]
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
     lines = []
-    for update in range(config.num_updates):
+    for update in range(next(iter(host.values())).shape[1]):
         for seed in range(config.num_seeds):
             row = {"update": update, "seed": seed, "env_steps": (update + 1) * config.batch_size}
             for name, values in host.items():
@@ -980,8 +1263,8 @@ def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    returns = np.asarray(metrics["episode_return"])  # [S, U]
-    steps = (np.arange(config.num_updates) + 1) * config.batch_size
+    returns = np.asarray(metrics["episode_return"])  # [S, updates done]
+    steps = (np.arange(returns.shape[1]) + 1) * config.batch_size
     seen = np.isfinite(returns).any(axis=0)
     fig, ax = plt.subplots(figsize=(6, 4))
     with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) are expected
@@ -1006,32 +1289,148 @@ def final_returns(metrics: dict) -> np.ndarray:
     return np.array(last)
 
 
+
+# A checkpoint is the whole Loop (parameters, optimizer state, schedule counter, normalizer
+# statistics, env states, RNG keys, episode statistics, the metrics so far) in flax msgpack:
+# no pickle, so loading a checkpoint cannot run code.
+CHECKPOINT = "checkpoint.msgpack"
+CHECKPOINT_FORMAT = 1
+# Fields that say how to run, not what to train: they may differ between a run and its resume.
+RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "resume")
+
+
+class CheckpointError(ConfigError):
+    """A run folder or checkpoint that cannot be used. The message names the fix."""
+
+
+def is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree):
+    """Typed PRNG keys -> their raw uint32 data, which msgpack and io_callback can carry."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+
+
+def checkpoint_bytes(config: Config, loop: Loop) -> bytes:
+    host = jax.tree.map(np.asarray, keys_to_data(loop))
+    train_config = {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
+    return serialization.msgpack_serialize({"format": CHECKPOINT_FORMAT, "config": train_config,
+                                            "loop": serialization.to_state_dict(host)})
+
+
+def save_checkpoint(config: Config, out: str, loop: Loop) -> None:
+    """Write the checkpoint and the metrics it holds, each atomically (temp file, rename)."""
+    write_atomic(os.path.join(out, CHECKPOINT), checkpoint_bytes(config, loop))
+    write_atomic(os.path.join(out, "metrics.jsonl"), metrics_jsonl(config, loop.metrics()))
+
+
+def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
+    """Read run_dir's checkpoint into the structure of `template` (from jax.eval_shape of
+    Runner.init), or raise CheckpointError saying what is wrong."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist; resume or evaluate a run that saved one")
+    try:
+        with open(path, "rb") as f:
+            payload = serialization.msgpack_restore(f.read())
+        saved_config, state = payload["config"], payload["loop"]
+    except Exception:
+        raise CheckpointError(f"{path} is corrupt or truncated; use an intact copy or train "
+                              "again") from None
+    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
+    for name, value in wanted.items():
+        saved = saved_config.get(name)
+        saved = tuple(saved) if isinstance(saved, list) else saved
+        if saved != value:
+            raise CheckpointError(f"{path} was trained with {name}={saved!r} but "
+                                  f"{run_dir}/config.json says {value!r}; it belongs to another run")
+    want = jax.eval_shape(keys_to_data, template)
+    try:
+        loop = serialization.from_state_dict(want, state)
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} does not fit this version of ppo_jax.py; train "
+                              "again") from None
+    for (where, w), x in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(loop)):
+        if np.shape(x) != w.shape or np.asarray(x).dtype != w.dtype:
+            raise CheckpointError(f"{path} holds {jax.tree_util.keystr(where)} of shape "
+                                  f"{np.shape(x)} where {w.shape} is expected; it belongs to "
+                                  "another run")
+    return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x, impl=KEY_IMPL) if is_key(t)
+                        else jnp.asarray(x), template, loop)
+
+
+def read_config(run_dir: str) -> Config:
+    """The Config a run folder was trained with (its config.json)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir} is not a run folder; pass the --out folder of a run")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        config = Config(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in saved.items() if k in fields})
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} has no config.json; pass the --out folder of a "
+                              "run") from None
+    except (ValueError, TypeError):
+        raise CheckpointError(f"{path} is not a valid ppo_jax config; restore it from the "
+                              "run's original") from None
+    validate_config(config)
+    return config
+
+
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Flags -> Config. `--env X` picks the preset first, so explicit flags override it."""
-    import contextlib
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` in argv (as `--flag v` or `--flag=v`), or None."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def parse_flags(cls, argv: list[str], **kwargs):
+    """tyro.cli, with its boxed error turned into a ConfigError of one line."""
     import io
 
     import tyro
 
-    env = Config.env
-    for i, arg in enumerate(argv):
-        if arg == "--env" and i + 1 < len(argv):
-            env = argv[i + 1]
-        elif arg.startswith("--env="):
-            env = arg.partition("=")[2]
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(Config, default=preset_config(env), args=argv,
-                            description=__doc__.split("\n")[0])
+            return tyro.cli(cls, args=argv, **kwargs)
     except SystemExit as exit:
         if exit.code in (0, None):
             sys.stderr.write(captured.getvalue())
             raise
         raise ConfigError(one_line(captured.getvalue())) from None
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Flags -> Config. `--env X` picks the preset first, so explicit flags override it.
+    `--resume DIR` starts from DIR's config.json instead; only run-control flags may change."""
+    resume = flag_value(argv, "--resume")
+    if resume is not None:
+        default = dataclasses.replace(read_config(resume), out=resume, resume=resume)
+    else:
+        default = preset_config(flag_value(argv, "--env") or Config.env)
+    config = parse_flags(Config, argv, default=default, description=__doc__.split("\n")[0])
+    if resume is not None:
+        if config.out != resume:
+            raise ConfigError(f"--resume writes into {resume}; drop --out")
+        changed = [f.name for f in dataclasses.fields(Config) if f.name not in RUN_CONTROL
+                   and getattr(config, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ConfigError(f"--resume continues {resume} with its own settings; drop "
+                              f"--{changed[0].replace('_', '-')} (only --quiet, --save-every "
+                              "and --compile-cache may change)")
+    return config
 
 
 def one_line(panel: str) -> str:
@@ -1082,59 +1481,152 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def train_and_save(config: Config, out: str, start: float) -> None:
-    """Compile, train with live progress, write every output, print the summary."""
-    progress = None if config.quiet else Progress(config)
-    run = make_run_seeds(config, on_progress=progress)
-    keys = seed_keys(config)
+def train_and_save(config: Config, out: str, start: float) -> int:
+    """Compile, train with live progress, write every output, print the summary. Returns
+    the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
+    # With neither a bar nor checkpoints to write, the program has no host call (cacheable).
+    progress = Progress(config, show=not config.quiet) if not config.quiet or config.save_every else None
+    save = functools.partial(save_checkpoint, config, out)
+    runner = make_runner(config, on_report=progress,
+                         on_checkpoint=save if config.save_every else None)
     t0 = time.perf_counter()
-    compiled = run.lower(keys).compile()
+    if config.resume:
+        loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
+        if loop.updates_done >= config.num_updates:
+            raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing "
+                                  f"to resume (evaluate it with: python ppo_jax.py eval {out})")
+    else:
+        loop = runner.init(seed_keys(config))
+    first = loop.updates_done
+    if progress is not None:
+        progress.last_update = first
+    compiled = runner.run.lower(loop).compile()
     t1 = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(keys))
+    loop = run_stoppable(progress, lambda: jax.block_until_ready(compiled(loop)))
     t2 = time.perf_counter()
     if progress is not None:
         progress.close()
 
-    write_atomic(os.path.join(out, "metrics.jsonl"), metrics_jsonl(config, metrics))
-    write_atomic(os.path.join(out, "params.msgpack"), serialization.to_bytes(state.params))
+    save_checkpoint(config, out, loop)
+    metrics = loop.metrics()
+    write_atomic(os.path.join(out, "params.msgpack"),
+                 serialization.to_bytes(jax.device_get(loop.runner.params)))
     plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
 
-    steps = config.num_updates * config.batch_size
+    done, stop = loop.updates_done, int(loop.stop)
+    steps = (done - first) * config.batch_size
     returns = final_returns(metrics)
-    print(f"{config.env}: {config.num_seeds} seed(s) x {steps:,} steps")
+    print(f"{config.env}: {config.num_seeds} seed(s) x {done * config.batch_size:,} steps")
     print("final return per seed: " + " ".join(f"{r:.1f}" for r in returns)
           + (f"  (mean {np.nanmean(returns):.1f})" if len(returns) > 1 else ""))
     print(f"{steps * config.num_seeds / (t2 - t1):,.0f} steps/s | compile {t1 - t0:.1f} s | "
           f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
+    if stop == STOPPED:
+        print(f"stopped after update {done} of {config.num_updates}; resume with: "
+              f"python ppo_jax.py --resume {out}", file=sys.stderr)
+        return 130
+    if stop == NONFINITE:
+        metric = (GUARDED + ("parameters",))[int(loop.bad_metric)]
+        print(f"error: {metric} became NaN or infinite in update {done + 1}; training stopped. "
+              f"The last good state (update {done}) is in {os.path.join(out, CHECKPOINT)}; "
+              "lower --learning-rate or --max-grad-norm and train again", file=sys.stderr)
+        return 1
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalArgs:
+    """python ppo_jax.py eval RUN_DIR: score a trained run's policies on fresh episodes."""
+
+    run_dir: str
+    """The --out folder of a run (it needs config.json and checkpoint.msgpack)."""
+    episodes: int = 100
+    """Episodes per seed, for each of the deterministic and the stochastic policy."""
+    seed: int = 0
+    """Random seed of the evaluation episodes."""
+    render: bool = False
+    """Also save policy.gif: one deterministic episode of seed 0."""
+
+
+def eval_main(argv: list[str]) -> int:
+    """The eval command: mean +- std return per seed, printed and saved to eval.json."""
+    import tyro
+
+    args = parse_flags(EvalArgs, argv, config=(tyro.conf.PositionalRequiredArgs,),
+                       description=EvalArgs.__doc__)
+    if args.episodes <= 0:
+        raise ConfigError(f"--episodes must be positive, got {args.episodes}")
+    config, loop = load_run(args.run_dir)
+    env, env_params, spec, agent = make_setup(config)
+
+    @jax.jit
+    def evaluate_seeds(params, obs_stats, keys):
+        run = lambda deterministic: jax.vmap(lambda p, s, k: evaluate(
+            env, env_params, spec, agent, p, s, k, args.episodes, deterministic))(
+                params, obs_stats, keys)
+        return run(True), run(False)
+
+    keys = jax.random.split(make_key(args.seed), config.num_seeds)
+    results = jax.device_get(evaluate_seeds(loop.runner.params, loop.runner.norm.obs, keys))
+    report = {"env": config.env, "episodes": args.episodes, "updates": loop.updates_done,
+              "seeds": []}
+    print(f"{config.env} after {loop.updates_done * config.batch_size:,} steps, "
+          f"{args.episodes} episodes per seed")
+    for seed in range(config.num_seeds):
+        row = {"seed": seed}
+        for name, returns in zip(("deterministic", "stochastic"), results):
+            row[name] = {"mean": float(returns[seed].mean()), "std": float(returns[seed].std())}
+        report["seeds"].append(row)
+        print(f"seed {seed}: " + " | ".join(
+            f"{name} {row[name]['mean']:.1f} +- {row[name]['std']:.1f}"
+            for name in ("deterministic", "stochastic")))
+    write_atomic(os.path.join(args.run_dir, "eval.json"), json.dumps(report, indent=2))
+    if args.render:
+        path = os.path.join(args.run_dir, "policy.gif")
+        episode_return = render_episode(config, loop, path)
+        print(f"saved {path} (one deterministic episode of seed 0, return {episode_return:.1f})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        try:
+            return eval_main(argv[1:])
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         config = parse_config(argv)
         validate_config(config)
         env, env_params = make_env(config.env)
         env_spec(env, env_params, config.action_mask)
-        out = create_out_dir(config)
+        out = config.resume or create_out_dir(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if config.compile_cache:
         enable_compile_cache()
-    write_atomic(os.path.join(out, "config.json"), config_json(config))
+    if not config.resume:
+        write_atomic(os.path.join(out, "config.json"), config_json(config))
     try:
-        train_and_save(config, out, start)
+        return train_and_save(config, out, start)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except BaseException as error:
-        leftovers = set(os.listdir(out)) - {"config.json"}
-        if not leftovers:  # nothing was produced: remove the folder rather than leave a stub
+        if not config.resume and set(os.listdir(out)) <= {"config.json"}:
+            # Nothing was produced: remove the folder rather than leave a stub.
             os.remove(os.path.join(out, "config.json"))
             os.rmdir(out)
         if isinstance(error, KeyboardInterrupt):
-            print("\ninterrupted; nothing was saved", file=sys.stderr)
+            saved = os.path.exists(os.path.join(out, CHECKPOINT))
+            print("\ninterrupted; " + (f"the last checkpoint is intact: resume with: python "
+                                        f"ppo_jax.py --resume {out}" if saved else
+                                        "nothing was saved"), file=sys.stderr)
             return 130
         raise
-    return 0
 
 
 if __name__ == "__main__":

@@ -71,23 +71,37 @@ def throughput(repeats: int = 5) -> None:
     import ppo_jax as P
 
     config = P.Config()
-    run = P.make_run_seeds(config)
-    keys = P.seed_keys(config)
+    runner = P.make_runner(config)
+    loop = runner.init(P.seed_keys(config))
     start = time.perf_counter()
-    compiled = run.lower(keys).compile()
+    compiled = runner.run.lower(loop).compile()
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(keys))
+        jax.block_until_ready(compiled(loop))
         times.append(time.perf_counter() - start)
     steps = config.num_updates * config.batch_size
     print(f"standard config: compile {compile_s:.1f} s; {steps / statistics.median(times):,.0f} "
           f"steps/s median, {steps / min(times):,.0f} best of {repeats}")
 
 
-def presets(seeds: int = 4) -> None:
+def timed_run(config) -> tuple[float, dict]:
+    """Compile the command line's training program for `config`, then time one run of it
+    (compilation excluded). Returns (seconds, metrics {name: [S, U]})."""
     import jax
+
+    import ppo_jax as P
+
+    runner = P.make_runner(config)
+    loop = runner.init(P.seed_keys(config))
+    compiled = runner.run.lower(loop).compile()
+    start = time.perf_counter()
+    loop = jax.block_until_ready(compiled(loop))
+    return time.perf_counter() - start, loop.metrics()
+
+
+def presets(seeds: int = 4) -> None:
     import numpy as np
 
     import ppo_jax as P
@@ -96,37 +110,23 @@ def presets(seeds: int = 4) -> None:
           f"{'wall per seed alone':>20s}")
     for env in P.PRESETS:
         config = P.preset_config(env, num_seeds=seeds)
-        run = P.make_run_seeds(config)
-        keys = P.seed_keys(config)
-        compiled = run.lower(keys).compile()
-        start = time.perf_counter()
-        _, metrics = jax.block_until_ready(compiled(keys))
-        elapsed = time.perf_counter() - start
+        elapsed, metrics = timed_run(config)
         returns = P.final_returns(metrics)
-        single = P.make_run_seeds(P.preset_config(env, num_seeds=1))
-        one = single.lower(keys[:1]).compile()
-        start = time.perf_counter()
-        jax.block_until_ready(one(keys[:1]))
-        alone = time.perf_counter() - start
+        alone, _ = timed_run(P.preset_config(env, num_seeds=1))
         steps = config.num_updates * config.batch_size
         print(f"{env:26s} {steps:>10,d} {np.mean(returns):>22.1f}, {np.min(returns):>8.1f} "
               f"{alone:>17.1f} s   ({seeds} seeds together: {elapsed:.1f} s)")
 
 
 def seeds8() -> None:
-    import jax
     import numpy as np
 
     import ppo_jax as P
 
-    config = P.preset_config("CartPole-v1", num_seeds=8)
-    run = P.make_run_seeds(config)
-    compiled = run.lower(P.seed_keys(config)).compile()
-    start = time.perf_counter()
-    _, metrics = jax.block_until_ready(compiled(P.seed_keys(config)))
+    elapsed, metrics = timed_run(P.preset_config("CartPole-v1", num_seeds=8))
     returns = P.final_returns(metrics)
     verdict = "all >= 475" if (returns >= 475).all() else "NOT all >= 475"
-    print(f"8 vmapped CartPole seeds in {time.perf_counter() - start:.1f} s: "
+    print(f"8 vmapped CartPole seeds in {elapsed:.1f} s: "
           f"{np.round(returns, 1).tolist()} ({verdict})")
 
 

@@ -1,4 +1,4 @@
-"""make_train and make_run_seeds: determinism, seeds in a vmap, metrics, schedules."""
+"""make_train and make_runner: determinism, seeds in a vmap, metrics, schedules."""
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +45,18 @@ def test_vmapped_seeds_equal_separate_runs():
         assert_same({k: v[i] for k, v in batched.items()}, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_run_seeds_equals_vmapped_train_and_reports_progress():
+def test_runner_equals_vmapped_train_and_reports_progress():
     config = tiny_config(num_seeds=2)
     calls = []
 
-    def on_progress(update, returns):
+    def on_report(update, returns):
         calls.append((int(update), np.asarray(returns).shape))
-        return np.int32(int(update) + 1)
+        return np.int32(int(update) + 1), np.bool_(False)
 
-    _, from_runner = P.make_run_seeds(config, on_progress)(P.seed_keys(config))
+    runner = P.make_runner(config, on_report)
+    loop = runner.run(runner.init(P.seed_keys(config)))
     _, from_vmap = jax.jit(jax.vmap(P.make_train(config)))(P.seed_keys(config))
-    assert_same(from_runner, from_vmap, rtol=1e-5, atol=1e-6)
+    assert_same(loop.metrics(), from_vmap, rtol=1e-5, atol=1e-6)
     assert [c[0] for c in calls] == list(range(1, config.num_updates + 1))
     assert all(shape == (2,) for _, shape in calls)
 
