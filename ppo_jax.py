@@ -109,6 +109,8 @@ class Config:
     """Hidden layer widths of the actor and of the critic (separate networks)."""
     activation: Literal["tanh", "relu"] = "tanh"
     """Hidden layer activation."""
+    cnn_channels: tuple[int, ...] = (16,)
+    """Channels of the 3x3 convolutions that image observations (MinAtar) pass first."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (continuous actions)."""
     action_mask: Literal["auto", "on", "off"] = "auto"
@@ -127,6 +129,8 @@ class Config:
     """Episodes per evaluation during training (--eval-every)."""
     save_every: int = 0
     """Also checkpoint every N updates (0: only at the end, on Ctrl-C, or on a NaN)."""
+    tensorboard: bool = False
+    """Also write every metric to <out>/tensorboard/seed_<i>, at each checkpoint and the end."""
     resume: str | None = None
     """Continue the run in this folder from its checkpoint, with its own config."""
     quiet: bool = False
@@ -187,6 +191,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "MountainCarContinuous-v0": dict(total_timesteps=2_000_000, num_envs=64, num_steps=128,
                                      gamma=0.9999, ent_coef=0.0, normalize_obs=True,
                                      normalize_reward=True),
+    **{f"{game}-MinAtar": dict(total_timesteps=10_000_000, num_envs=64, num_steps=128,
+                               num_minibatches=8, learning_rate=5e-4, activation="relu",
+                               hidden_sizes=(256,))
+       for game in ("Breakout", "SpaceInvaders", "Asterix", "Freeway")},
 }
 
 
@@ -204,6 +212,8 @@ def validate_config(config: Config) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     if not config.hidden_sizes or min(config.hidden_sizes) <= 0:
         raise ConfigError(f"hidden_sizes must be positive widths, got {config.hidden_sizes}")
+    if config.cnn_channels and min(config.cnn_channels) <= 0:
+        raise ConfigError(f"cnn_channels must be positive, got {config.cnn_channels}")
     if config.batch_size % config.num_minibatches:
         raise ConfigError(
             f"num_envs * num_steps = {config.batch_size} is not divisible by num_minibatches "
@@ -251,7 +261,11 @@ def make_env(env_id: str) -> tuple[Any, Any]:
         close = difflib.get_close_matches(env_id, gymnax.registered_envs, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see gymnax.registered_envs"
         raise ConfigError(f"unknown env {env_id!r}; {hint}")
-    return gymnax.make(env_id)
+    try:
+        return gymnax.make(env_id)
+    except OSError as error:  # MNISTBandit-bsuite downloads MNIST when it is created
+        raise ConfigError(f"{env_id} fetches data when created, and that failed ({error}); "
+                          "connect to the internet or pick another env") from None
 
 
 class EnvSpec(NamedTuple):
@@ -393,15 +407,22 @@ def orthogonal(scale: float = 1.0):
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 
 
-class MLP(nn.Module):
-    """Hidden layers with orthogonal(sqrt 2) init; flattens each observation first."""
+class Torso(nn.Module):
+    """The shared shape of actor and critic before their heads: for image observations
+    [H, W, C] (MinAtar) a small CNN first (3x3 convolutions, ReLU), then hidden layers.
+    Orthogonal(sqrt 2) init throughout."""
 
     hidden_sizes: tuple[int, ...]
     activation: str
+    cnn_channels: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B, hidden_sizes[-1]]
-        x = obs.reshape(obs.shape[0], -1).astype(jnp.float32)
+        x = obs.astype(jnp.float32)
+        if x.ndim == 4:  # [B, H, W, C]
+            for channels in self.cnn_channels:
+                x = nn.relu(nn.Conv(channels, (3, 3), kernel_init=orthogonal(math.sqrt(2)))(x))
+        x = x.reshape(x.shape[0], -1)
         for width in self.hidden_sizes:
             x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)))(x)
             x = ACTIVATIONS[self.activation](x)
@@ -458,17 +479,18 @@ class Gaussian(struct.PyTreeNode):
 
 
 class Actor(nn.Module):
-    """pi(a | s): an MLP and a policy head with small init (0.01), so early actions are
+    """pi(a | s): a torso and a policy head with small init (0.01), so early actions are
     near-uniform."""
 
     spec: EnvSpec
     hidden_sizes: tuple[int, ...]
     activation: str
+    cnn_channels: tuple[int, ...] = ()
     log_std_init: float = 0.0
 
     @nn.compact
     def __call__(self, obs, mask=None):  # obs [B, *obs_shape], mask [B, A] or None
-        x = MLP(self.hidden_sizes, self.activation)(obs)
+        x = Torso(self.hidden_sizes, self.activation, self.cnn_channels)(obs)
         out = nn.Dense(self.spec.num_actions, kernel_init=orthogonal(0.01))(x)
         if self.spec.discrete:
             logits = out if mask is None else jnp.where(mask, out, MASKED_LOGIT)
@@ -479,14 +501,15 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """V(s): an MLP and a scalar head with unit-scale init."""
+    """V(s): a torso and a scalar head with unit-scale init."""
 
     hidden_sizes: tuple[int, ...]
     activation: str
+    cnn_channels: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B]
-        x = MLP(self.hidden_sizes, self.activation)(obs)
+        x = Torso(self.hidden_sizes, self.activation, self.cnn_channels)(obs)
         return nn.Dense(1, kernel_init=orthogonal(1.0))(x)[:, 0]
 
 
@@ -505,8 +528,9 @@ class Agent(NamedTuple):
 
 def make_agent(config: Config, spec: EnvSpec) -> Agent:
     return Agent(
-        Actor(spec, config.hidden_sizes, config.activation, config.log_std_init),
-        Critic(config.hidden_sizes, config.activation))
+        Actor(spec, config.hidden_sizes, config.activation, config.cnn_channels,
+              config.log_std_init),
+        Critic(config.hidden_sizes, config.activation, config.cnn_channels))
 
 
 class Setup(NamedTuple):
@@ -971,7 +995,10 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
         runner = jax.vmap(init_one, in_axes=(axes(hp), 0))(hp, keys)
         rows = jax.eval_shape(one_update, hp, runner)[1]
         history = {k: jnp.zeros((config.num_updates, *v.shape), v.dtype) for k, v in rows.items()}
-        return Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
+        loop = Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
+        # Strong dtypes throughout (gymnax's time counters start weakly typed), as a loaded
+        # checkpoint has them: a fresh and a resumed Loop then share one compiled `run`.
+        return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), loop)
 
     def loop_body(hp, carry):
         loop, next_report = carry
@@ -1025,7 +1052,7 @@ def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, ke
     Deterministic picks the most likely action (the Gaussian's mean); stochastic samples.
     Observations are normalized with the frozen training statistics `obs_stats` (or None).
     """
-    max_steps = getattr(env_params, "max_steps_in_episode", 1000)  # every episode ends by then
+    max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))  # all end by then
     reset_key, key = jax.random.split(key)
     obs, env_state, mask = reset_envs(env, env_params, spec, reset_key, num_episodes)
 
@@ -1077,11 +1104,12 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
         action = (pi.mode() if deterministic else pi.sample(key))[0]
         return action if spec.discrete else jnp.clip(action, spec.action_low, spec.action_high)
 
-    keys = iter(jax.random.split(make_key(seed), 1_000_000))
+    key, calls = make_key(seed), iter(range(2**31))
 
     def policy(obs, mask=None):
         mask = None if mask is None else jnp.asarray(mask, bool)[None]
-        action = np.asarray(act(jnp.asarray(obs, jnp.float32), mask, next(keys)))
+        step_key = jax.random.fold_in(key, next(calls))
+        action = np.asarray(act(jnp.asarray(obs, jnp.float32), mask, step_key))
         return int(action) if spec.discrete else action
 
     return policy
@@ -1090,12 +1118,26 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
 MAX_FRAMES = 150
 
 
+# The envs gymnax's Visualizer draws (it leaves the others blank).
+RENDERABLE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0",
+              "MountainCarContinuous-v0", "Asterix-MinAtar", "Breakout-MinAtar",
+              "Freeway-MinAtar", "Seaquest-MinAtar", "SpaceInvaders-MinAtar", "Catch-bsuite",
+              "Pong-misc", "PointRobot-misc", "MetaMaze-misc", "FourRooms-misc")
+
+
+def check_renderable(env_id: str) -> None:
+    if env_id not in RENDERABLE:
+        raise ConfigError(f"gymnax cannot draw {env_id}; --render supports "
+                          f"{', '.join(RENDERABLE)}")
+
+
 def render_episode(config: Config, loop: Loop, path: str, seed: int = 0) -> float:
     """Save a GIF of one deterministic episode of `seed`'s policy through gymnax's
     Visualizer (classic control, MinAtar and a few others). Returns the episode's return."""
+    check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
     params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
-    max_steps = getattr(env_params, "max_steps_in_episode", 1000)
+    max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))
 
     @jax.jit
     def episode(key):
@@ -1130,9 +1172,6 @@ def render_episode(config: Config, loop: Loop, path: str, seed: int = 0) -> floa
     try:
         Visualizer(env, env_params, frames, np.cumsum(rewards)[shown]).animate(tmp)
         os.replace(tmp, path)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise ConfigError(f"gymnax cannot draw {config.env}; --render supports classic "
-                          "control and MinAtar envs") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1282,6 +1321,34 @@ def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+class TensorBoard:
+    """--tensorboard: every metric of every seed as a TensorBoard scalar, against env steps.
+    Rows are written when a checkpoint is, so what TensorBoard shows is what is saved."""
+
+    def __init__(self, config: Config, out: str, first_update: int):
+        from tensorboardX import SummaryWriter
+
+        self.config, self.written = config, first_update
+        self.writers = [SummaryWriter(os.path.join(out, "tensorboard", f"seed_{seed}"))
+                        for seed in range(config.num_seeds)]
+
+    def write(self, metrics: dict) -> None:
+        """Add the updates finished since the last call; {name: [S, updates done]}."""
+        done = next(iter(metrics.values())).shape[1]
+        for seed, writer in enumerate(self.writers):
+            for update in range(self.written, done):
+                for name, values in metrics.items():
+                    value = float(values[seed, update])
+                    if math.isfinite(value):  # NaN: no episode ended, or no evaluation
+                        writer.add_scalar(name, value, (update + 1) * self.config.batch_size)
+            writer.flush()
+        self.written = done
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
 def final_returns(metrics: dict) -> np.ndarray:
     """Each seed's return at the last update that finished an episode: [S]."""
     returns = np.asarray(metrics["episode_return"])
@@ -1296,7 +1363,7 @@ def final_returns(metrics: dict) -> np.ndarray:
 CHECKPOINT = "checkpoint.msgpack"
 CHECKPOINT_FORMAT = 1
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
-RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "resume")
+RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
 
 
 class CheckpointError(ConfigError):
@@ -1336,6 +1403,8 @@ def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
         with open(path, "rb") as f:
             payload = serialization.msgpack_restore(f.read())
         saved_config, state = payload["config"], payload["loop"]
+        assert payload["format"] == CHECKPOINT_FORMAT
+        assert isinstance(saved_config, dict) and isinstance(state, dict)
     except Exception:
         raise CheckpointError(f"{path} is corrupt or truncated; use an intact copy or train "
                               "again") from None
@@ -1372,13 +1441,15 @@ def read_config(run_dir: str) -> Config:
         fields = {f.name for f in dataclasses.fields(Config)}
         config = Config(**{k: tuple(v) if isinstance(v, list) else v
                            for k, v in saved.items() if k in fields})
+        validate_config(config)
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir} has no config.json; pass the --out folder of a "
                               "run") from None
-    except (ValueError, TypeError):
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    except (ValueError, TypeError, AttributeError):
         raise CheckpointError(f"{path} is not a valid ppo_jax config; restore it from the "
                               "run's original") from None
-    validate_config(config)
     return config
 
 
@@ -1428,22 +1499,27 @@ def parse_config(argv: list[str]) -> Config:
                    and getattr(config, f.name) != getattr(default, f.name)]
         if changed:
             raise ConfigError(f"--resume continues {resume} with its own settings; drop "
-                              f"--{changed[0].replace('_', '-')} (only --quiet, --save-every "
-                              "and --compile-cache may change)")
+                              f"--{changed[0].replace('_', '-')} (only --quiet, --save-every, "
+                              "--tensorboard and --compile-cache may change)")
     return config
 
 
 def one_line(panel: str) -> str:
-    """The message of tyro's boxed error, joined onto one line."""
-    lines = []
+    """The message of tyro's error panel, joined onto one line: the first section after the
+    title. The panel is a box in UTF-8; in ASCII the title stands alone above a rule of '-'."""
+    sections, section = [], []
     for line in panel.splitlines():
         text = line.strip().strip("│╭╮╰╯").strip()
-        if text.startswith("─") or text.startswith("For full helptext"):
-            if lines:
-                break
-            continue
-        if text and not set(text) <= set("─ "):
-            lines.append(text)
+        if text.startswith("─") or (text and set(text) <= set("-")):  # title bar or rule
+            sections.append(section)
+            section = []
+        elif text.startswith("For full helptext"):
+            break
+        elif text:
+            section.append(text)
+    sections.append(section)
+    # sections[0] is what stood above the first rule: the ASCII title, or nothing.
+    lines = next((s for s in sections[1:] if s), sections[0])
     message = " ".join(lines) or "could not parse the flags"
     return f"{message} (see --help)"
 
@@ -1486,7 +1562,13 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
     # With neither a bar nor checkpoints to write, the program has no host call (cacheable).
     progress = Progress(config, show=not config.quiet) if not config.quiet or config.save_every else None
-    save = functools.partial(save_checkpoint, config, out)
+    tensorboard = None
+
+    def save(loop: Loop) -> None:
+        save_checkpoint(config, out, loop)
+        if tensorboard is not None:
+            tensorboard.write(loop.metrics())
+
     runner = make_runner(config, on_report=progress,
                          on_checkpoint=save if config.save_every else None)
     t0 = time.perf_counter()
@@ -1500,6 +1582,8 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     first = loop.updates_done
     if progress is not None:
         progress.last_update = first
+    if config.tensorboard:
+        tensorboard = TensorBoard(config, out, first)
     compiled = runner.run.lower(loop).compile()
     t1 = time.perf_counter()
     loop = run_stoppable(progress, lambda: jax.block_until_ready(compiled(loop)))
@@ -1507,7 +1591,9 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     if progress is not None:
         progress.close()
 
-    save_checkpoint(config, out, loop)
+    save(loop)
+    if tensorboard is not None:
+        tensorboard.close()
     metrics = loop.metrics()
     write_atomic(os.path.join(out, "params.msgpack"),
                  serialization.to_bytes(jax.device_get(loop.runner.params)))
@@ -1552,11 +1638,15 @@ def eval_main(argv: list[str]) -> int:
     """The eval command: mean +- std return per seed, printed and saved to eval.json."""
     import tyro
 
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        raise ConfigError("eval needs a run folder: python ppo_jax.py eval RUN_DIR")
     args = parse_flags(EvalArgs, argv, config=(tyro.conf.PositionalRequiredArgs,),
                        description=EvalArgs.__doc__)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
     config, loop = load_run(args.run_dir)
+    if args.render:
+        check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
 
     @jax.jit

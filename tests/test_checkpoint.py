@@ -1,0 +1,320 @@
+"""Checkpoints: resume is bitwise, Ctrl-C saves and resumes, bad checkpoints are refused with
+one line, and a non-finite update stops training on the last good state."""
+
+import contextlib
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+import ppo_jax as P
+from helpers import tiny_config
+
+ROOT = Path(__file__).parents[1]
+TINY = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "32",
+        "--hidden-sizes", "16", "16", "--no-compile-cache"]
+# Long enough to be interrupted: 1000 updates, ~3 s of training after ~10 s of start-up and
+# compiling. The first checkpoint (update 10) says training has begun; the stop lands at the
+# next progress report, ~0.25 s later.
+LONG = ["--total-timesteps", "128000", "--num-envs", "4", "--num-steps", "32",
+        "--hidden-sizes", "16", "16", "--update-epochs", "2", "--num-minibatches", "2",
+        "--save-every", "10", "--no-compile-cache"]
+
+
+def cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "ppo_jax.py"), *args], cwd=ROOT,
+                            text=True, **kwargs)
+
+
+def main_in_process(argv):
+    """P.main(argv) -> (exit code, stdout, stderr), for module-scoped fixtures (no capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = P.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def listing(path) -> set:
+    return {str(p.relative_to(path)) for p in Path(path).rglob("*")}
+
+
+def assert_one_error_line(err: str, *expected: str):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def assert_trees_equal(expected, actual):
+    expected, actual = P.keys_to_data(expected), P.keys_to_data(actual)
+    assert jax.tree.structure(expected) == jax.tree.structure(actual)
+    for (where, x), y in zip(jax.tree_util.tree_leaves_with_path(expected),
+                             jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(where))
+
+
+# ── Resume, in process ────────────────────────────────────────────────────────────────────
+
+
+def reload(config, loop, folder: Path, template):
+    """save_checkpoint then load_checkpoint: what a resumed run starts from."""
+    folder.mkdir()
+    P.save_checkpoint(config, str(folder), loop)
+    return P.load_checkpoint(config, str(folder), template)
+
+
+def test_resume_from_a_checkpoint_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    # Two seeds and both normalizers, so the checkpoint must carry every kind of state.
+    config = tiny_config(num_seeds=2, normalize_obs=True, normalize_reward=True)
+    stop_at = {"update": None}
+
+    def on_report(update, episode_return):
+        stop = stop_at["update"] is not None and int(update) >= stop_at["update"]
+        return np.int32(int(update) + 1), np.bool_(stop)
+
+    runner = P.make_runner(config, on_report=on_report)
+    keys = P.seed_keys(config)
+    template = jax.eval_shape(runner.init, keys)
+    start = runner.init(keys)
+    assert_trees_equal(start, reload(config, start, tmp_path / "start", template))
+    full = runner.run(start)
+    assert full.updates_done == config.num_updates and int(full.stop) == P.RUNNING
+
+    stop_at["update"] = 5
+    part = runner.run(start)
+    assert part.updates_done == 5 and int(part.stop) == P.STOPPED
+    stop_at["update"] = None
+    loaded = reload(config, part, tmp_path / "part", template)
+    assert_trees_equal(part, loaded)
+    resumed = runner.run(loaded)
+    assert runner.run._cache_size() == 1  # a loaded Loop has the fresh one's types: one program
+
+    assert resumed.updates_done == config.num_updates and int(resumed.stop) == P.RUNNING
+    expected, actual = full.metrics(), resumed.metrics()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert_trees_equal(full.runner.params, resumed.runner.params)
+    assert_trees_equal(full.runner, resumed.runner)  # optimizer, env states, keys, normalizers
+
+
+# ── Ctrl-C, in a real process ─────────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def ctrl_c(tmp_path_factory):
+    """A CLI run stopped by SIGINT once its first checkpoint exists, then resumed."""
+    base = tmp_path_factory.mktemp("ctrl_c")
+    run = base / "run"
+    with open(base / "stderr.log", "w+") as log:
+        proc = cli(*LONG, "--out", str(run), stdout=subprocess.PIPE, stderr=log)
+        deadline = time.monotonic() + 120
+        while (not (run / P.CHECKPOINT).exists() and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        checkpoint_seen = (run / P.CHECKPOINT).exists()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+        log.seek(0)
+        stderr = log.read()
+    files_after_stop = listing(run)
+    stopped = P.load_run(str(run))[1] if (run / P.CHECKPOINT).exists() else None
+    metrics_at_stop = (run / "metrics.jsonl").read_bytes() if stopped is not None else b""
+    resume = subprocess.run([sys.executable, str(ROOT / "ppo_jax.py"), "--resume", str(run),
+                             "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return dict(run=run, checkpoint_seen=checkpoint_seen, code=proc.returncode, stdout=stdout,
+                stderr=stderr, files_after_stop=files_after_stop, stopped=stopped,
+                metrics_at_stop=metrics_at_stop, resume=resume)
+
+
+def test_first_ctrl_c_stops_after_the_update_saves_and_exits_130(ctrl_c):
+    assert ctrl_c["checkpoint_seen"], ctrl_c["stderr"][-3000:]
+    # Had training finished before the signal landed, the exit code would be 0.
+    assert ctrl_c["code"] == 130, ctrl_c["stderr"][-3000:]
+    assert "Traceback" not in ctrl_c["stderr"]
+    assert "stopped after update" in ctrl_c["stderr"]  # the graceful path, not an abort
+    assert f"resume with: python ppo_jax.py --resume {ctrl_c['run']}" in ctrl_c["stderr"]
+    assert not [f for f in ctrl_c["files_after_stop"] if ".tmp" in f]
+    assert {"checkpoint.msgpack", "metrics.jsonl", "config.json"} <= ctrl_c["files_after_stop"]
+    config = P.read_config(str(ctrl_c["run"]))
+    stopped = ctrl_c["stopped"]
+    assert int(stopped.stop) == P.STOPPED
+    assert 10 <= stopped.updates_done < config.num_updates
+    rows = ctrl_c["metrics_at_stop"].decode().splitlines()
+    assert len(rows) == stopped.updates_done
+
+
+def test_resume_after_ctrl_c_finishes_and_keeps_the_metrics_so_far(ctrl_c):
+    assert ctrl_c["code"] == 130, ctrl_c["stderr"][-3000:]
+    resume = ctrl_c["resume"]
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert resume.stderr == ""  # --quiet: no bar, no warning
+    config, loop = P.load_run(str(ctrl_c["run"]))
+    assert loop.updates_done == config.num_updates and int(loop.stop) == P.RUNNING
+    metrics = (ctrl_c["run"] / "metrics.jsonl").read_bytes()
+    assert metrics.startswith(ctrl_c["metrics_at_stop"])
+    assert len(metrics.splitlines()) == config.num_updates
+    assert not [f for f in listing(ctrl_c["run"]) if ".tmp" in f]
+
+
+@pytest.mark.slow  # a third compile; test_resume_from_a_checkpoint_is_bitwise_... is fast
+def test_resume_after_ctrl_c_matches_the_uninterrupted_run_byte_for_byte(ctrl_c, tmp_path):
+    assert ctrl_c["code"] == 130 and ctrl_c["resume"].returncode == 0
+    reference = tmp_path / "reference"
+    result = subprocess.run([sys.executable, str(ROOT / "ppo_jax.py"), *LONG, "--quiet",
+                             "--out", str(reference)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("metrics.jsonl", P.CHECKPOINT, "params.msgpack"):
+        assert (ctrl_c["run"] / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+# ── Bad checkpoints ───────────────────────────────────────────────────────────────────────
+
+
+def corrupt(run: Path):
+    (run / P.CHECKPOINT).write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def truncate(run: Path):
+    data = (run / P.CHECKPOINT).read_bytes()
+    (run / P.CHECKPOINT).write_bytes(data[:len(data) // 2])
+
+
+def edit_config(run: Path, **changes):
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, **changes}))
+
+
+def shapes_of_another_run(run: Path):
+    """Config says 32-wide and the checkpoint's config agrees, but its arrays are 16-wide."""
+    edit_config(run, hidden_sizes=[32, 32])
+    payload = serialization.msgpack_restore((run / P.CHECKPOINT).read_bytes())
+    payload["config"]["hidden_sizes"] = [32, 32]
+    (run / P.CHECKPOINT).write_bytes(serialization.msgpack_serialize(payload))
+
+
+# name: (spoil(run folder), what the message names, the fix it ends with)
+BAD_CHECKPOINTS = {
+    "corrupt": (corrupt, "is corrupt or truncated", "intact copy"),
+    "truncated": (truncate, "is corrupt or truncated", "intact copy"),
+    # The run folder now says 32-wide, or Acrobot: its checkpoint is a 16-wide CartPole one.
+    "other hidden sizes": (lambda run: edit_config(run, hidden_sizes=[32, 32]),
+                           "hidden_sizes=(16, 16)", "another run"),
+    "other env": (lambda run: edit_config(run, env="Acrobot-v1"), "env='CartPole-v1'",
+                  "another run"),
+    "other shapes": (shapes_of_another_run, "of shape", "another run"),
+}
+
+
+@pytest.fixture
+def bad_run(request, ctrl_c, tmp_path):
+    """A copy of the finished (resumed) run, spoiled one way."""
+    run = tmp_path / "run"
+    shutil.copytree(ctrl_c["run"], run)
+    BAD_CHECKPOINTS[request.param][0](run)
+    return run
+
+
+@pytest.mark.parametrize("bad_run", BAD_CHECKPOINTS, indirect=True)
+def test_bad_checkpoint_raises_checkpoint_error_naming_the_problem(bad_run, request):
+    name = request.node.callspec.params["bad_run"]
+    with pytest.raises(P.CheckpointError) as error:
+        P.load_run(str(bad_run))
+    _, problem, fix = BAD_CHECKPOINTS[name]
+    assert problem in str(error.value) and fix in str(error.value)
+    assert str(bad_run / P.CHECKPOINT) in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["resume", "eval"])
+@pytest.mark.parametrize("bad_run", BAD_CHECKPOINTS, indirect=True)
+def test_bad_checkpoint_on_the_cli_gets_one_line_and_exit_code_2(bad_run, command, request,
+                                                                 capsys):
+    name = request.node.callspec.params["bad_run"]
+    before = {p: p.stat().st_mtime_ns for p in bad_run.iterdir()}
+    argv = ["--resume", str(bad_run), "--quiet"] if command == "resume" else ["eval", str(bad_run)]
+    assert P.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, BAD_CHECKPOINTS[name][1])
+    assert {p: p.stat().st_mtime_ns for p in bad_run.iterdir()} == before  # nothing touched
+
+
+# ── Resume refusals ───────────────────────────────────────────────────────────────────────
+
+
+RESUME_REFUSALS = {
+    "finished run": ([], "nothing to resume"),
+    "changed hyperparameter": (["--gamma", "0.5"], "drop --gamma"),
+    "changed size": (["--num-envs", "8"], "drop --num-envs"),
+    "new out folder": (["--out", "elsewhere"], "drop --out"),
+}
+
+
+@pytest.mark.parametrize("name", RESUME_REFUSALS)
+def test_refused_resume_gets_one_line_exit_code_2_and_touches_nothing(name, ctrl_c, tmp_path,
+                                                                      capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where "elsewhere" would be created
+    run = tmp_path / "run"
+    shutil.copytree(ctrl_c["run"], run)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    flags, expected = RESUME_REFUSALS[name]
+    assert P.main(["--resume", str(run), "--quiet", *flags]) == 2
+    assert_one_error_line(capsys.readouterr().err, expected)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_resume_accepts_the_run_control_flags(ctrl_c):
+    run = str(ctrl_c["run"])
+    config = P.parse_config(["--resume", run, "--quiet", "--save-every", "3",
+                             "--no-compile-cache"])
+    saved = P.read_config(run)
+    assert config.resume == run and config.out == run and config.save_every == 3
+    train = {f: getattr(saved, f) for f in P.Config.__dataclass_fields__ if f not in P.RUN_CONTROL}
+    assert train == {f: getattr(config, f) for f in train}
+
+
+# ── NaN guard ─────────────────────────────────────────────────────────────────────────────
+
+# Adam moves every weight by ~lr per step whatever the gradient's size: at 1e30 the first
+# minibatch step overflows the value head, so the first update's losses are inf/NaN.
+ABSURD_LR = "1e30"
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nan") / "run"
+    code, stdout, stderr = main_in_process(
+        ["--learning-rate", ABSURD_LR, "--out", str(out), "--quiet", *TINY])
+    return dict(out=out, code=code, stdout=stdout, stderr=stderr)
+
+
+def test_nan_guard_stops_on_the_last_good_state(diverged):
+    config, loop = P.load_run(str(diverged["out"]))
+    assert int(loop.stop) == P.NONFINITE
+    assert loop.updates_done < config.num_updates
+    assert P.GUARDED[int(loop.bad_metric)] in diverged["stderr"]
+    for leaf in jax.tree.leaves(loop.runner.params):
+        assert np.isfinite(np.asarray(leaf)).all()
+    for name, values in loop.metrics().items():  # only the good updates are reported
+        if name in P.GUARDED:
+            assert np.isfinite(values).all(), name
+
+
+def test_nan_guard_exits_1_with_one_line_naming_the_metric_and_the_checkpoint(diverged):
+    assert diverged["code"] == 1, diverged["stderr"]
+    lines = diverged["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), diverged["stderr"]
+    assert any(f"{name} became NaN" in lines[0] for name in P.GUARDED + ("parameters",))
+    assert str(diverged["out"] / P.CHECKPOINT) in lines[0]
+    assert (diverged["out"] / P.CHECKPOINT).is_file()
