@@ -5,6 +5,7 @@
     python benchmarks/bench.py presets      # every preset: final return, steps, wall time
     python benchmarks/bench.py seeds8       # 8 vmapped CartPole seeds, each must reach 475
     python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
+    python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
     python benchmarks/bench.py all
 
 Each prints its numbers and the machine they came from. Run one benchmark at a time on an
@@ -139,8 +140,36 @@ def memory(steps: int = 20_000_000) -> None:
           + stdout.strip().splitlines()[-1])
 
 
+def gymnasium_scores(episodes: int = 20) -> None:
+    """Train the CartPole-v1 and Acrobot-v1 presets, then score each policy with
+    load_policy in Gymnasium's own environments (not gymnax's)."""
+    import gymnasium
+    import numpy as np
+
+    import ppo_jax as P
+
+    for env_id in ("CartPole-v1", "Acrobot-v1"):
+        with tempfile.TemporaryDirectory() as out:
+            run_dir = os.path.join(out, "run")
+            P.main(["--env", env_id, "--out", run_dir, "--quiet"])
+            for deterministic in (True, False):
+                act = P.load_policy(run_dir, deterministic=deterministic)
+                env = gymnasium.make(env_id)
+                returns = []
+                for episode in range(episodes):
+                    obs, _ = env.reset(seed=episode)
+                    total, done = 0.0, False
+                    while not done:
+                        obs, reward, terminated, truncated, _ = env.step(act(obs))
+                        total, done = total + reward, terminated or truncated
+                    returns.append(total)
+                kind = "deterministic" if deterministic else "stochastic"
+                print(f"gymnasium {env_id} ({kind}): {np.mean(returns):.1f} +- "
+                      f"{np.std(returns):.1f} over {episodes} episodes")
+
+
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
-              "memory": memory}
+              "memory": memory, "gymnasium": gymnasium_scores}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]

@@ -36,7 +36,7 @@ def test_heads_start_near_uniform_policy_and_small_values():
     np.testing.assert_allclose(np.linalg.svd(kernel, compute_uv=False), 0.01, rtol=1e-4)
     value_kernel = np.asarray(state.params["critic"]["params"]["Dense_0"]["kernel"])
     np.testing.assert_allclose(np.linalg.norm(value_kernel), 1.0, rtol=1e-5)
-    hidden = np.asarray(state.params["actor"]["params"]["MLP_0"]["Dense_1"]["kernel"])
+    hidden = np.asarray(state.params["actor"]["params"]["Torso_0"]["Dense_1"]["kernel"])
     np.testing.assert_allclose(hidden.T @ hidden, 2.0 * np.eye(64), atol=1e-4)
 
 
