@@ -259,8 +259,8 @@ def import_gymnax():
     """gymnax, imported on first use, with seaborn deferred until something draws.
 
     gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
-    only to colour renderings: deferring it takes 0.9 s and ~90 MB off every start
-    (measured). Whatever uses seaborn later gets the real module.
+    only to colour renderings: deferring it took 0.9 s and 150 MB of peak memory off
+    every start (measured with benchmarks/bench.py). Whatever uses seaborn later gets the real module.
     """
     if "seaborn" not in sys.modules:
         sys.modules["seaborn"] = DeferredModule("seaborn")
@@ -469,6 +469,17 @@ class Categorical(struct.PyTreeNode):
 
     def log_prob(self, action):
         return jnp.sum(self.log_probs() * jax.nn.one_hot(action, self.logits.shape[-1]), axis=-1)
+
+    def max_prob(self):
+        """The probability of the most likely action: 1 is a deterministic policy."""
+        return jnp.exp(self.log_probs().max(axis=-1))
+
+    def normalized_entropy(self):
+        """H / log(number of legal actions): 1 is uniform over the legal actions, 0 certain.
+        Raw entropy cannot be compared across states with different numbers of legal
+        actions; this can. Zero when only one action is legal."""
+        legal = self.logits.shape[-1] if self.mask is None else self.mask.sum(axis=-1)
+        return jnp.where(legal > 1, self.entropy() / jnp.log(jnp.maximum(legal, 2)), 0.0)
 
     def entropy(self):
         """H = -sum_a p(a) log p(a) over legal actions only (zero when one is legal)."""
@@ -736,7 +747,10 @@ class LossInfo(NamedTuple):
     value_loss: jax.Array
     entropy: jax.Array
     approx_kl: jax.Array
+    approx_kl_max: jax.Array  # the largest per-sample k3 KL of the minibatch
     clip_fraction: jax.Array
+    max_prob: jax.Array  # mean probability of the most likely action (NaN if continuous)
+    entropy_normalized: jax.Array  # mean H / log(legal actions) (NaN if continuous)
 
 
 def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
@@ -766,9 +780,13 @@ def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
     entropy = pi.entropy().mean()
     loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
     # k3 estimator of KL(pi_old || pi) (Schulman 2020): unbiased and always >= 0.
-    approx_kl = jnp.mean((ratio - 1.0) - log_ratio)
+    kl = (ratio - 1.0) - log_ratio
     clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > clip_eps)
-    return loss, LossInfo(loss, policy_loss, value_loss, entropy, approx_kl, clip_fraction)
+    discrete = isinstance(pi, Categorical)
+    max_prob = pi.max_prob().mean() if discrete else jnp.nan
+    entropy_normalized = pi.normalized_entropy().mean() if discrete else jnp.nan
+    return loss, LossInfo(loss, policy_loss, value_loss, entropy, kl.mean(), kl.max(),
+                          clip_fraction, max_prob, entropy_normalized)
 
 
 # ── Update ────────────────────────────────────────────────────────────────────────────────
@@ -786,6 +804,7 @@ class UpdateInfo(NamedTuple):
 
     loss: LossInfo
     grad_norm: jax.Array  # global norm before clipping
+    clipped: jax.Array  # whether global-norm clipping shrank this step
 
 
 def update_minibatch(agent: Agent, hp: HParams, clip_value_loss: bool, ent_coef, lr,
@@ -796,7 +815,8 @@ def update_minibatch(agent: Agent, hp: HParams, clip_value_loss: bool, ent_coef,
         params, agent, batch, hp.clip_eps, hp.vf_coef, ent_coef, clip_value_loss)
     updates, opt_state = make_optimizer(hp.max_grad_norm).update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-    return (params, opt_state), UpdateInfo(info, optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    return (params, opt_state), UpdateInfo(info, grad_norm, grad_norm > hp.max_grad_norm)
 
 
 def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
@@ -875,13 +895,21 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
                              config.bootstrap_truncation)
     lr, ent_coef = schedules(config, hp, state.update)
     key, update_key = jax.random.split(state.key)
+    params_before = state.params
     (params, opt_state), infos, ran = update(agent, hp, config, ent_coef, lr,
                                              (state.params, state.opt_state), batch, update_key)
     state = state.replace(params=params, opt_state=opt_state, key=key, update=state.update + 1)
+    return state, summarize_update(spec, finished, batch, infos, ran, params_before,
+                                   state.params, lr, ent_coef)
 
-    # Average over every minibatch of the epochs that ran, never the last sample.
+
+def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
+                     infos: UpdateInfo, ran, params_before, params_after, lr, ent_coef) -> dict:
+    """One update's metrics, each a scalar: losses and statistics averaged over every
+    minibatch of the epochs that ran (never the last sample), plus diagnostics of the
+    rollout batch and of how far the optimizer moved each network."""
     weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape) / (
-        ran.sum() * config.num_minibatches)
+        ran.sum() * infos.grad_norm.shape[1])
     mean = lambda x: jnp.sum(x * weights)
     episodes = jnp.maximum(finished.count, 1)
     metrics = {
@@ -892,14 +920,29 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
         "value_loss": mean(infos.loss.value_loss),
         "entropy": mean(infos.loss.entropy),
         "approx_kl": mean(infos.loss.approx_kl),
+        "approx_kl_max": jnp.max(jnp.where(ran[:, None], infos.loss.approx_kl_max, 0.0)),
         "clip_fraction": mean(infos.loss.clip_fraction),
         "explained_variance": 1.0 - jnp.var(batch.target - batch.value) / jnp.var(batch.target),
+        "value_rmse": jnp.sqrt(jnp.mean(jnp.square(batch.value - batch.target))),
+        "advantage_mean": batch.advantage.mean(),  # before per-minibatch normalization
+        "advantage_std": batch.advantage.std(),
         "grad_norm": mean(infos.grad_norm),
+        "grad_clip_fraction": mean(infos.clipped),
         "learning_rate": lr,
         "ent_coef": ent_coef,
         "epochs_run": ran.sum(),
     }
-    return state, metrics
+    if spec.discrete:
+        metrics.update(max_prob=mean(infos.loss.max_prob),
+                       entropy_normalized=mean(infos.loss.entropy_normalized))
+    for net in ("actor", "critic"):  # what the optimizer actually did to each network
+        before, after = params_before[net], params_after[net]
+        step = optax.tree.norm(jax.tree.map(jnp.subtract, after, before))
+        metrics.update({f"{net}_update_norm": step,
+                        f"{net}_update_ratio": step / optax.tree.norm(before),
+                        f"{net}_param_norm": optax.tree.norm(after)})
+    return metrics
+
 
 
 def make_train(config: Config):
