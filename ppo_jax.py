@@ -6,9 +6,9 @@ Run it:
     python ppo_jax.py --help                       # every flag, with its meaning
 
 Import it:
-    from ppo_jax import Config, make_train
+    from ppo_jax import Config, make_key, make_train
     train = jax.jit(jax.vmap(make_train(Config(env="CartPole-v1"))))
-    runner_state, metrics = train(jax.random.split(jax.random.key(0), 8))  # 8 seeds, one jit
+    runner_state, metrics = train(jax.random.split(make_key(0), 8))  # 8 seeds, one jit
 
 The file reads in the algorithm's order: config, environment, networks, the rollout phase
 (collect_rollout), advantages (compute_gae), the loss (ppo_loss), the learning phase
@@ -36,6 +36,8 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -120,6 +122,9 @@ class Config:
     """Normalize observations by running mean and variance (kept in the jitted state)."""
     normalize_reward: bool = False
     """Scale rewards by the running std of the discounted return (as gymnasium does)."""
+    sweep: tuple[str, ...] = ()
+    """Train a grid in the same jit: NAME=V1,V2,... for any of learning_rate, ent_coef,
+    clip_eps, gamma, gae_lambda, vf_coef, max_grad_norm; each setting gets num_seeds seeds."""
     out: str | None = None
     """Output folder (default runs/<env>-<timestamp>)."""
     eval_every: int = 0
@@ -149,8 +154,26 @@ class Config:
     def num_updates(self) -> int:
         return self.total_timesteps // self.batch_size
 
+    @property
+    def settings(self) -> list[dict[str, float]]:
+        """The grid that --sweep asks for, one dict of overrides per setting ([{}] without)."""
+        axes = [parse_sweep(item) for item in self.sweep]
+        return [dict(zip([name for name, _ in axes], values))
+                for values in itertools.product(*(values for _, values in axes))]
+
+    @property
+    def num_runs(self) -> int:
+        """Trained (setting, seed) pairs: the S axis of every array. Run r is seed
+        r % num_seeds of setting r // num_seeds."""
+        return len(self.settings) * self.num_seeds
+
     def hparams(self) -> HParams:
-        """The rates and coefficients as arrays, so a grid of them can be vmapped."""
+        """The rates and coefficients as arrays, so a grid of them can be vmapped: scalars,
+        or [num_runs] arrays when sweeping."""
+        if self.sweep:
+            runs = [dataclasses.replace(self, sweep=(), **setting).hparams()
+                    for setting in self.settings for _ in range(self.num_seeds)]
+            return HParams(*(jnp.stack(values) for values in zip(*runs)))
         final = self.ent_coef if self.ent_coef_final is None else self.ent_coef_final
         target_kl = math.inf if self.target_kl is None else self.target_kl
         return HParams(*(jnp.float32(v) for v in (
@@ -197,6 +220,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+SWEEPABLE = ("learning_rate", "ent_coef", "clip_eps", "gamma", "gae_lambda", "vf_coef",
+             "max_grad_norm")
+
+
+def parse_sweep(item: str) -> tuple[str, list[float]]:
+    """'learning_rate=1e-4,3e-4' -> ('learning_rate', [1e-4, 3e-4])."""
+    name, _, values = item.partition("=")
+    if name not in SWEEPABLE:
+        raise ConfigError(f"--sweep {item!r}: sweep one of {', '.join(SWEEPABLE)} as NAME=V1,V2")
+    try:
+        return name, [float(v) for v in values.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sweep {item!r}: values must be numbers separated by commas, "
+                          "like learning_rate=1e-4,3e-4") from None
+
+
 def preset_config(env: str, **overrides: Any) -> Config:
     """The Config that `--env env` starts from, with `overrides` applied on top."""
     return Config(**{"env": env, **PRESETS.get(env, {}), **overrides})
@@ -231,6 +270,12 @@ def validate_config(config: Config) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.ent_coef_final is not None and not config.ent_coef_final >= 0:
         raise ConfigError(f"ent_coef_final must be >= 0, got {config.ent_coef_final}")
+    if config.sweep:
+        names = [parse_sweep(item)[0] for item in config.sweep]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--sweep names {', '.join(names)}: give each name once")
+        for setting in config.settings:
+            validate_config(dataclasses.replace(config, sweep=(), **setting))
     if config.eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0 (0 never evaluates), got {config.eval_every}")
     if config.save_every < 0:
@@ -250,20 +295,28 @@ class DeferredModule(types.ModuleType):
     """Stands in sys.modules for a module, and imports the real one on first attribute use."""
 
     def __getattr__(self, attr):
+        return getattr(self._load(), attr)
+
+    def __dir__(self):
+        return dir(self._load())
+
+    def _load(self):
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attr)
+        return importlib.import_module(self.__name__)
 
 
 def import_gymnax():
     """gymnax, imported on first use, with seaborn deferred until something draws.
 
     gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
-    only to colour renderings: deferring it took 0.9 s and 150 MB of peak memory off
-    every start (measured with benchmarks/bench.py). Whatever uses seaborn later gets the real module.
+    only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
+    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Whatever uses seaborn later gets the real module.
     """
-    if "seaborn" not in sys.modules:
-        sys.modules["seaborn"] = DeferredModule("seaborn")
+    if "seaborn" not in sys.modules and (spec := importlib.util.find_spec("seaborn")):
+        stand_in = DeferredModule("seaborn")
+        stand_in.__spec__ = spec  # so importlib.util.find_spec("seaborn") still answers
+        sys.modules["seaborn"] = stand_in
     import gymnax
 
     return gymnax
@@ -400,7 +453,6 @@ def scale_reward(norm: Normalizers, reward):
 # A masked action's logit. Finite, so softmax gives it exactly zero probability without the
 # inf - inf = NaN that -inf would produce in log-softmax and in its gradient.
 MASKED_LOGIT = -1e9
-ROLLOUT_UNROLL = 1
 
 
 def orthogonal(scale: float = 1.0):
@@ -670,8 +722,7 @@ def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int
                               norm=norm, mask=action_masks(env, env_params, spec, env_state))
         return state, (transition, finished)
 
-    state, (transitions, finished) = jax.lax.scan(env_step, state, length=num_steps,
-                                                  unroll=ROLLOUT_UNROLL)
+    state, (transitions, finished) = jax.lax.scan(env_step, state, length=num_steps)
     return state, transitions, jax.tree.map(jnp.sum, finished)
 
 
@@ -974,13 +1025,15 @@ def make_key(seed: int):
 
 
 def seed_keys(config: Config):
-    """The key of each of the config's num_seeds seeds: [S]."""
-    return jax.random.split(make_key(config.seed), config.num_seeds)
+    """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
+    keys, so settings are compared on the same seeds."""
+    keys = jax.random.split(make_key(config.seed), config.num_seeds)
+    return keys[np.arange(config.num_runs) % config.num_seeds]
 
 
 def fast_compile_options() -> dict | None:
-    """XLA:CPU's fast-compile preset: a third less compile time, no slower to run (measured
-    with benchmarks/, where compile time is most of a short run's wall time)."""
+    """XLA:CPU's fast-compile preset: 11 % less compile time for the CartPole preset (3.6
+    against 4.0 s), no slower to run; compile time is most of a short run's wall time."""
     return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"} if jax.default_backend() == "cpu" else None
 
 
@@ -1036,7 +1089,7 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
     def evaluate_seeds(runner: RunnerState, done):
         """Mean deterministic and stochastic return of each seed's current policy: 2 x [S]."""
         keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
-                                config.num_seeds)
+                                config.num_runs)
         run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
             env, env_params, spec, agent, params, stats, key, config.eval_episodes,
             deterministic).mean())(runner.params, runner.norm.obs, keys)
@@ -1049,7 +1102,7 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
         if config.eval_every:
             done = runner.update[0]
             due = (done % config.eval_every == 0) | (done == config.num_updates)
-            nan = jnp.full(config.num_seeds, jnp.nan)
+            nan = jnp.full(config.num_runs, jnp.nan)
             evals = jax.lax.cond(due, lambda: evaluate_seeds(runner, done), lambda: (nan, nan))
             metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
         return runner, metrics
@@ -1111,36 +1164,47 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
 # ── Evaluation ────────────────────────────────────────────────────────────────────────────
 
 
+class EvalState(NamedTuple):
+    """The carry of evaluate's loop over steps."""
+
+    t: jax.Array
+    obs: jax.Array  # [E, *obs_shape]
+    env_state: Any
+    mask: jax.Array | None
+    returns: jax.Array  # [E] reward summed until each episode's first end
+    running: jax.Array  # [E] bool: the episode has not ended yet
+
+
 def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, key,
              num_episodes: int, deterministic: bool):
-    """Return [E] of E fresh episodes, run side by side until each one's first end.
+    """Return [E] of E fresh episodes, run side by side until each one's first end (or the
+    env's max_steps_in_episode; 1000 for an env without one).
 
     Deterministic picks the most likely action (the Gaussian's mean); stochastic samples.
     Observations are normalized with the frozen training statistics `obs_stats` (or None).
     """
-    max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))  # all end by then
+    max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))
     reset_key, key = jax.random.split(key)
     obs, env_state, mask = reset_envs(env, env_params, spec, reset_key, num_episodes)
 
-    def eval_step(carry):
-        t, obs, env_state, mask, returns, running = carry
-        action_key, step_key = jax.random.split(jax.random.fold_in(key, t))
-        pi = agent.policy(params, normalize(obs_stats, obs), mask)
+    def eval_step(s: EvalState) -> EvalState:
+        action_key, step_key = jax.random.split(jax.random.fold_in(key, s.t))
+        pi = agent.policy(params, normalize(obs_stats, s.obs), s.mask)
         action = pi.mode() if deterministic else pi.sample(action_key)
         if not spec.discrete:
             action = jnp.clip(action, spec.action_low, spec.action_high)
         obs, env_state, reward, terminated, truncated, _ = jax.vmap(
             env.step, in_axes=(0, 0, 0, None))(jax.random.split(step_key, num_episodes),
-                                               env_state, action, env_params)
-        returns = returns + jnp.where(running, reward, 0.0)
-        running = running & ~(terminated | truncated)
-        mask = action_masks(env, env_params, spec, env_state)
-        return t + 1, obs, env_state, mask, returns, running
+                                               s.env_state, action, env_params)
+        return EvalState(s.t + 1, obs, env_state, action_masks(env, env_params, spec, env_state),
+                         s.returns + jnp.where(s.running, reward, 0.0),
+                         s.running & ~(terminated | truncated))
 
     # Stop once every episode has ended: most end long before the time limit.
-    carry = (0, obs, env_state, mask, jnp.zeros(num_episodes), jnp.ones(num_episodes, bool))
-    carry = jax.lax.while_loop(lambda c: (c[0] < max_steps) & c[-1].any(), eval_step, carry)
-    return carry[-2]
+    start = EvalState(jnp.int32(0), obs, env_state, mask, jnp.zeros(num_episodes),
+                      jnp.ones(num_episodes, bool))
+    end = jax.lax.while_loop(lambda s: (s.t < max_steps) & s.running.any(), eval_step, start)
+    return end.returns
 
 
 def load_run(run_dir: str) -> tuple[Config, Loop]:
@@ -1158,9 +1222,9 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
     the env's bounds, and accepts an optional legal-action `mask` for masked envs.
     """
     config, loop = load_run(run_dir)
-    if not 0 <= seed < config.num_seeds:
-        raise ConfigError(f"seed {seed} is not in {run_dir}, which trained seeds 0 to "
-                          f"{config.num_seeds - 1}")
+    if not 0 <= seed < config.num_runs:
+        raise ConfigError(f"seed {seed} is not in {run_dir}, which trained runs 0 to "
+                          f"{config.num_runs - 1}")
     _, _, spec, agent = make_setup(config)
     params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
 
@@ -1170,7 +1234,7 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
         action = (pi.mode() if deterministic else pi.sample(key))[0]
         return action if spec.discrete else jnp.clip(action, spec.action_low, spec.action_high)
 
-    key, calls = make_key(seed), iter(range(2**31))
+    key, calls = make_key(seed), itertools.count()
 
     def policy(obs, mask=None):
         mask = None if mask is None else jnp.asarray(mask, bool)[None]
@@ -1197,9 +1261,10 @@ def check_renderable(env_id: str) -> None:
                           f"{', '.join(RENDERABLE)}")
 
 
-def render_episode(config: Config, loop: Loop, path: str, seed: int = 0) -> float:
-    """Save a GIF of one deterministic episode of `seed`'s policy through gymnax's
-    Visualizer (classic control, MinAtar and a few others). Returns the episode's return."""
+def render_episode(config: Config, loop: Loop, path: str, seed: int = 0, key=None) -> float:
+    """Save a GIF of one deterministic episode of trained seed `seed`'s policy through
+    gymnax's Visualizer (classic control, MinAtar and a few others), on episode key `key`
+    (default: make_key(0)). Returns the episode's return."""
     check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
     params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
@@ -1222,7 +1287,7 @@ def render_episode(config: Config, loop: Loop, path: str, seed: int = 0) -> floa
 
         return jax.lax.scan(step, (obs, env_state), jax.random.split(key, max_steps))[1]
 
-    states, rewards, done = jax.device_get(episode(make_key(seed)))
+    states, rewards, done = jax.device_get(episode(make_key(0) if key is None else key))
     length = int(np.argmax(done)) + 1 if done.any() else len(done)
     # Drawing a frame takes ~0.2 s: keep at most MAX_FRAMES, evenly spaced over the episode.
     shown = np.unique(np.linspace(0, length - 1, min(length, MAX_FRAMES)).astype(int))
@@ -1267,7 +1332,8 @@ class Progress:
 
         update, now = int(update), time.perf_counter()
         if self.bar is None:
-            label = self.config.env + (f" x{self.config.num_seeds}" if self.config.num_seeds > 1 else "")
+            runs = self.config.num_runs
+            label = self.config.env + (f" x{runs}" if runs > 1 else "")
             self.bar = tqdm(total=self.config.num_updates * self.config.batch_size, unit="step",
                             initial=self.last_update * self.config.batch_size, unit_scale=True,
                             dynamic_ncols=True, file=sys.stderr, desc=label, disable=not self.show)
@@ -1297,14 +1363,18 @@ def run_stoppable(progress: Progress | None, fn):
 
     Python runs signal handlers only in the main thread, and not while that thread waits
     inside XLA: so fn runs in a worker thread while the main thread waits in short naps.
-    Without a report channel (progress is None), Ctrl-C simply aborts.
+    Without a report channel (progress is None), Ctrl-C raises KeyboardInterrupt as usual.
     """
     if progress is None:
         return fn()
 
     def handler(signum, frame):
         if progress.stop_requested:
-            raise KeyboardInterrupt
+            # The worker is still inside XLA, which calls back into Python: unwinding the
+            # interpreter under it can crash, so leave at once. Every file on disk was
+            # written atomically, so the last checkpoint is whole.
+            print("\naborted; the last checkpoint on disk is intact", file=sys.stderr)
+            os._exit(130)
         progress.stop_requested = True
         print("\nstopping after this update to save a checkpoint (Ctrl-C again to abort)",
               file=sys.stderr)
@@ -1336,6 +1406,8 @@ def write_atomic(path: str, data: bytes | str) -> None:
     try:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut keeps one whole
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1347,13 +1419,21 @@ def config_json(config: Config) -> str:
     return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
 
 
-def metrics_jsonl(config: Config, metrics: dict) -> str:
-    """One JSON object per update per seed; NaN (no episode finished) becomes null."""
+def metrics_jsonl(config: Config, metrics: dict, runs=None) -> str:
+    """One JSON object per update per run (default: every run); NaN (no episode finished)
+    becomes null. In a sweep, each row also gives its setting's index and swept values
+    ("setting": 1, "sweep": {"learning_rate": 0.001}); "seed" counts within a setting."""
     host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
+    settings = config.settings
     lines = []
     for update in range(next(iter(host.values())).shape[1]):
-        for seed in range(config.num_seeds):
-            row = {"update": update, "seed": seed, "env_steps": (update + 1) * config.batch_size}
+        for run in range(config.num_runs) if runs is None else runs:
+            row = {"update": update, "seed": run % config.num_seeds,
+                   "env_steps": (update + 1) * config.batch_size}
+            if config.sweep:
+                row.update(setting=run // config.num_seeds,
+                           sweep=settings[run // config.num_seeds])
+            seed = run
             for name, values in host.items():
                 value = values[seed, update].item()
                 row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
@@ -1362,29 +1442,88 @@ def metrics_jsonl(config: Config, metrics: dict) -> str:
 
 
 def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
-    """Mean episode return over seeds, with the min-max band across seeds."""
+    """Mean episode return over seeds, with the min-max band across seeds; in a sweep, one
+    curve per setting, which makes it the sweep's comparison plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    returns = np.asarray(metrics["episode_return"])  # [S, updates done]
-    steps = (np.arange(returns.shape[1]) + 1) * config.batch_size
-    seen = np.isfinite(returns).any(axis=0)
+    all_returns = np.asarray(metrics["episode_return"])  # [S, updates done]
+    steps = (np.arange(all_returns.shape[1]) + 1) * config.batch_size
     fig, ax = plt.subplots(figsize=(6, 4))
-    with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) are expected
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean, low, high = (f(returns, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
-    ax.plot(steps[seen], mean[seen], label=f"mean of {config.num_seeds} seed(s)")
-    if config.num_seeds > 1:
-        ax.fill_between(steps[seen], low[seen], high[seen], alpha=0.25, label="min-max across seeds")
-    ax.set(xlabel="environment steps per seed", ylabel="episode return", title=config.env)
-    ax.legend(loc="lower right")
+    for index, setting in enumerate(config.settings):
+        returns = all_returns[index * config.num_seeds:(index + 1) * config.num_seeds]
+        seen = np.isfinite(returns).any(axis=0)
+        with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) are expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = (f(returns, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
+        label = ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "mean"
+        line, = ax.plot(steps[seen], mean[seen], label=f"{label} ({config.num_seeds} seeds)")
+        if config.num_seeds > 1:
+            ax.fill_between(steps[seen], low[seen], high[seen], alpha=0.2, color=line.get_color())
+    ax.set(xlabel="environment steps per run", ylabel="episode return (band: min to max)",
+           title=config.env)
+    ax.legend(loc="best", fontsize="small")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import EngFormatter
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_formatter(EngFormatter())  # steps as 50k, 1M
     fig.tight_layout()
     tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# The dashboard of diagnostics.png: (title, metrics drawn together, y scale).
+DASHBOARD = (
+    ("episode return", ("episode_return",), "linear"),
+    ("policy entropy / log(legal actions)", ("entropy_normalized",), "linear"),
+    ("approx KL: mean and max", ("approx_kl", "approx_kl_max"), "log"),
+    ("clipped share: samples, gradient steps", ("clip_fraction", "grad_clip_fraction"), "linear"),
+    ("critic: explained variance", ("explained_variance",), "linear"),
+    ("update / weight norm", ("actor_update_ratio", "critic_update_ratio"), "log"),
+)
+
+
+def plot_diagnostics(config: Config, metrics: dict, path: str) -> None:
+    """diagnostics.png: the key learning curves, each the mean over runs (see DASHBOARD)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    for ax, (title, names, scale) in zip(axes.flat, DASHBOARD):
+        for name in names:
+            if name not in metrics:  # e.g. entropy_normalized of a continuous policy
+                name = {"entropy_normalized": "entropy"}.get(name, name)
+            values = np.asarray(metrics[name], np.float64)  # [S, updates done]
+            steps = (np.arange(values.shape[1]) + 1) * config.batch_size
+            with warnings.catch_warnings():  # all-NaN columns are expected for returns
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(values, axis=0)
+            seen = np.isfinite(mean) & ((mean > 0) if scale == "log" else True)
+            ax.plot(steps[seen], mean[seen], label=name)
+        ax.set(title=title, yscale=scale)
+        if len(names) > 1:
+            ax.legend(fontsize="small")
+    for ax in axes[1]:
+        ax.set_xlabel("environment steps per run")
+    fig.suptitle(f"{config.env}: mean over {config.num_runs} run(s)")
+    save_figure(fig, path)
 
 
 class TensorBoard:
@@ -1396,7 +1535,7 @@ class TensorBoard:
 
         self.config, self.written = config, first_update
         self.writers = [SummaryWriter(os.path.join(out, "tensorboard", f"seed_{seed}"))
-                        for seed in range(config.num_seeds)]
+                        for seed in range(config.num_runs)]
 
     def write(self, metrics: dict) -> None:
         """Add the updates finished since the last call; {name: [S, updates done]}."""
@@ -1468,12 +1607,15 @@ def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
     try:
         with open(path, "rb") as f:
             payload = serialization.msgpack_restore(f.read())
-        saved_config, state = payload["config"], payload["loop"]
-        assert payload["format"] == CHECKPOINT_FORMAT
-        assert isinstance(saved_config, dict) and isinstance(state, dict)
+        saved_config, state, version = payload["config"], payload["loop"], payload["format"]
+        if not (isinstance(saved_config, dict) and isinstance(state, dict)):
+            raise TypeError
     except Exception:
         raise CheckpointError(f"{path} is corrupt or truncated; use an intact copy or train "
                               "again") from None
+    if version != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, and this ppo_jax.py "
+                              f"reads format {CHECKPOINT_FORMAT}; use the version that wrote it")
     wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
     for name, value in wanted.items():
         saved = saved_config.get(name)
@@ -1648,8 +1790,9 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     first = loop.updates_done
     if progress is not None:
         progress.last_update = first
-    if config.tensorboard:
-        tensorboard = TensorBoard(config, out, first)
+    if config.tensorboard:  # turned on at a resume: write the earlier updates too
+        fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
+        tensorboard = TensorBoard(config, out, 0 if fresh else first)
     compiled = runner.run.lower(loop).compile()
     t1 = time.perf_counter()
     loop = run_stoppable(progress, lambda: jax.block_until_ready(compiled(loop)))
@@ -1661,19 +1804,29 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     if tensorboard is not None:
         tensorboard.close()
     metrics = loop.metrics()
+    for index, setting in enumerate(config.settings if config.sweep else []):
+        label = ",".join(f"{k}={v:g}" for k, v in setting.items())
+        runs = range(index * config.num_seeds, (index + 1) * config.num_seeds)
+        write_atomic(os.path.join(out, f"metrics_{label}.jsonl"),
+                     metrics_jsonl(config, metrics, runs))
     write_atomic(os.path.join(out, "params.msgpack"),
                  serialization.to_bytes(jax.device_get(loop.runner.params)))
     plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
+    plot_diagnostics(config, metrics, os.path.join(out, "diagnostics.png"))
 
     done, stop = loop.updates_done, int(loop.stop)
     steps = (done - first) * config.batch_size
     returns = final_returns(metrics)
-    print(f"{config.env}: {config.num_seeds} seed(s) x {done * config.batch_size:,} steps")
-    print("final return per seed: " + " ".join(f"{r:.1f}" for r in returns)
-          + (f"  (mean {np.nanmean(returns):.1f})" if len(returns) > 1 else ""))
-    print(f"{steps * config.num_seeds / (t2 - t1):,.0f} steps/s | compile {t1 - t0:.1f} s | "
+    print(f"{config.env}: {config.num_runs} run(s) x {done * config.batch_size:,} steps")
+    for index, setting in enumerate(config.settings):
+        mine = returns[index * config.num_seeds:(index + 1) * config.num_seeds]
+        label = ", ".join(f"{k}={v:g}" for k, v in setting.items())
+        print(f"final return per seed{' for ' + label if label else ''}: "
+              + " ".join(f"{r:.1f}" for r in mine)
+              + (f"  (mean {np.nanmean(mine):.1f})" if len(mine) > 1 else ""))
+    print(f"{steps * config.num_runs / (t2 - t1):,.0f} steps/s | compile {t1 - t0:.1f} s | "
           f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
-    if stop == STOPPED:
+    if stop == STOPPED and done < config.num_updates:
         print(f"stopped after update {done} of {config.num_updates}; resume with: "
               f"python ppo_jax.py --resume {out}", file=sys.stderr)
         return 130
@@ -1704,7 +1857,7 @@ def eval_main(argv: list[str]) -> int:
     """The eval command: mean +- std return per seed, printed and saved to eval.json."""
     import tyro
 
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (all(a.startswith("-") for a in argv) and not {"-h", "--help"} & set(argv)):
         raise ConfigError("eval needs a run folder: python ppo_jax.py eval RUN_DIR")
     args = parse_flags(EvalArgs, argv, config=(tyro.conf.PositionalRequiredArgs,),
                        description=EvalArgs.__doc__)
@@ -1722,13 +1875,13 @@ def eval_main(argv: list[str]) -> int:
                 params, obs_stats, keys)
         return run(True), run(False)
 
-    keys = jax.random.split(make_key(args.seed), config.num_seeds)
+    keys = jax.random.split(make_key(args.seed), config.num_runs)
     results = jax.device_get(evaluate_seeds(loop.runner.params, loop.runner.norm.obs, keys))
     report = {"env": config.env, "episodes": args.episodes, "updates": loop.updates_done,
               "seeds": []}
     print(f"{config.env} after {loop.updates_done * config.batch_size:,} steps, "
           f"{args.episodes} episodes per seed")
-    for seed in range(config.num_seeds):
+    for seed in range(config.num_runs):
         row = {"seed": seed}
         for name, returns in zip(("deterministic", "stochastic"), results):
             row[name] = {"mean": float(returns[seed].mean()), "std": float(returns[seed].std())}
@@ -1739,7 +1892,7 @@ def eval_main(argv: list[str]) -> int:
     write_atomic(os.path.join(args.run_dir, "eval.json"), json.dumps(report, indent=2))
     if args.render:
         path = os.path.join(args.run_dir, "policy.gif")
-        episode_return = render_episode(config, loop, path)
+        episode_return = render_episode(config, loop, path, key=make_key(args.seed))
         print(f"saved {path} (one deterministic episode of seed 0, return {episode_return:.1f})")
     return 0
 
