@@ -112,6 +112,9 @@ class Config:
     """Hidden layer activation."""
     cnn_channels: tuple[int, ...] = (16,)
     """Channels of the 3x3 convolutions that image observations (MinAtar) pass first."""
+    diagnostics: bool = True
+    """Also log per-term gradient norms, the exploration split and dormant units / feature
+    rank on a probe batch (about 15 % of run time; off removes them entirely)."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (continuous actions)."""
     action_mask: Literal["auto", "on", "off"] = "auto"
@@ -501,6 +504,7 @@ class Torso(nn.Module):
         for width in self.hidden_sizes:
             x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)))(x)
             x = ACTIVATIONS[self.activation](x)
+            self.sow("intermediates", "hidden", x)  # for representation_diagnostics; free otherwise
         return x
 
 
@@ -684,6 +688,7 @@ class RunnerState(struct.PyTreeNode):
     norm: Normalizers
     key: jax.Array
     update: jax.Array  # int32 count of updates done: drives the schedules
+    probe: jax.Array | None = None  # [P, *obs_shape] fixed observations for --diagnostics
 
 
 def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int, gamma,
@@ -930,9 +935,11 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
     params = init_params(agent, spec, params_key)
     obs, env_state, mask = reset_envs(env, env_params, spec, env_key, config.num_envs)
     zeros = jnp.zeros(config.num_envs)
+    probe = (jnp.zeros((min(PROBE_SIZE, config.batch_size), *spec.obs_shape))
+             if config.diagnostics else None)  # filled from the first rollout
     return RunnerState(params, make_optimizer(hp.max_grad_norm).init(params), env_state, obs,
                        mask, EpisodeStats(zeros, zeros.astype(jnp.int32)),
-                       init_normalizers(config, obs), key, jnp.array(0, jnp.int32))
+                       init_normalizers(config, obs), key, jnp.array(0, jnp.int32), probe)
 
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
@@ -950,8 +957,25 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
     (params, opt_state), infos, ran = update(agent, hp, config, ent_coef, lr,
                                              (state.params, state.opt_state), batch, update_key)
     state = state.replace(params=params, opt_state=opt_state, key=key, update=state.update + 1)
-    return state, summarize_update(spec, finished, batch, infos, ran, params_before,
-                                   state.params, lr, ent_coef)
+    metrics = summarize_update(spec, finished, batch, infos, ran, params_before, state.params,
+                               lr, ent_coef)
+    if config.diagnostics:
+        probe = jnp.where(state.update == 1, subsample(batch.obs, PROBE_SIZE), state.probe)
+        state = state.replace(probe=probe)
+        first = jax.tree.map(lambda x: x[:config.minibatch_size], batch)
+
+        def occasional():  # every OCCASIONAL_EVERY updates, starting with the first
+            return {**loss_term_grad_norms(agent, params_before, first, hp, ent_coef,
+                                           config.clip_value_loss),
+                    **representation_diagnostics(agent, state.params, probe, config.activation)}
+
+        nan = {k: jnp.full(v.shape, jnp.nan, v.dtype)
+               for k, v in jax.eval_shape(occasional).items()}
+        metrics.update(jax.lax.cond(state.update % OCCASIONAL_EVERY == 1, occasional,
+                                    lambda: nan))
+        if spec.discrete:
+            metrics.update(exploration_split(agent, params_before, batch))
+    return state, metrics
 
 
 def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
@@ -994,6 +1018,89 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
                         f"{net}_param_norm": optax.tree.norm(after)})
     return metrics
 
+
+
+# ── Costlier diagnostics (--diagnostics) ──────────────────────────────────────────────────
+# Each looks at a slice of the update (bench.py diagnostics measures their cost);
+# --no-diagnostics removes them from the program.
+PROBE_SIZE = 128  # observations of the fixed probe batch
+# Per-term gradients and the probe batch are looked at every OCCASIONAL_EVERY updates (NaN
+# in between). Measured at the standard config: with them every update the diagnostics
+# cost 17 % of run time, this way 15 %.
+OCCASIONAL_EVERY = 10
+EXPLORE_SAMPLES = 32  # samples whose policy gradients are taken one by one
+DORMANT_TAU = 0.025  # Sokar et al. 2023: a unit whose normalized activity is <= tau is dormant
+SATURATED = 0.99  # a tanh output beyond +-0.99 passes almost no gradient
+
+
+def subsample(x, n: int):
+    """n rows of x spread evenly over it (rollout order is time-major: spread over time)."""
+    return x[jnp.arange(min(n, x.shape[0])) * (x.shape[0] // min(n, x.shape[0]))]
+
+
+def loss_term_grad_norms(agent: Agent, params, minibatch: Batch, hp: HParams, ent_coef,
+                         clip_value_loss: bool) -> dict:
+    """The gradient norm of each loss term, weighted as in the loss (policy, vf_coef x value,
+    ent_coef x entropy), on the network it moves: measured on the update's first
+    minibatch, at the parameters the update started from."""
+    def terms(p):
+        info = ppo_loss(p, agent, minibatch, hp.clip_eps, hp.vf_coef, ent_coef,
+                        clip_value_loss)[1]
+        return {"policy": info.policy_loss, "value": hp.vf_coef * info.value_loss,
+                "entropy": ent_coef * info.entropy}
+
+    grads = jax.jacrev(terms)(params)  # {term: grads of the term, like params}
+    # Actor and critic share no parameters, so the value term reaches only the critic and
+    # the other two only the actor: the three other pairs are zero by construction.
+    return {"grad_norm_policy_actor": optax.tree.norm(grads["policy"]["actor"]),
+            "grad_norm_entropy_actor": optax.tree.norm(grads["entropy"]["actor"]),
+            "grad_norm_value_critic": optax.tree.norm(grads["value"]["critic"])}
+
+
+def exploration_split(agent: Agent, params, batch: Batch, n: int = EXPLORE_SAMPLES) -> dict:
+    """Do exploiting samples move the policy less? Per-sample policy-gradient norms
+    |A| ||grad log pi(a|s)|| on n samples, averaged separately over those whose action was
+    the greedy (most likely) one and those whose action was not; and the count of each."""
+    sample = jax.tree.map(lambda x: subsample(x, n), batch)
+    advantage = (sample.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
+
+    def sample_loss(actor_params, obs, action, adv, mask):
+        mask = None if mask is None else mask[None]
+        pi = agent.actor.apply(actor_params, obs[None], mask)
+        return -adv * pi.log_prob(action[None])[0]
+
+    grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0, 0, 0))(
+        params["actor"], sample.obs, sample.action, advantage, sample.mask)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+                         for g in jax.tree.leaves(grads)))  # [n]
+    greedy = sample.action == agent.policy(params, sample.obs, sample.mask).mode()
+    group_mean = lambda chosen: jnp.sum(jnp.where(chosen, norms, 0.0)) / jnp.where(
+        chosen.any(), chosen.sum(), jnp.nan)
+    return {"pg_norm_greedy": group_mean(greedy), "pg_norm_explore": group_mean(~greedy),
+            "greedy_count": greedy.sum(), "explore_count": (~greedy).sum()}
+
+
+def representation_diagnostics(agent: Agent, params, probe, activation: str) -> dict:
+    """On the fixed probe batch, for each network's hidden layers: the dormant-unit fraction
+    (ReLU; Sokar et al. 2023) or the saturated-activation fraction (tanh), and the feature
+    effective rank of the last hidden layer as a participation ratio (tr C)^2 / tr(C^2) of
+    its feature covariance C: between 1 (one direction) and the layer's width. It needs no
+    eigendecomposition, so no LAPACK call (see the test that bans them)."""
+    metrics = {}
+    for net, module in (("actor", agent.actor), ("critic", agent.critic)):
+        _, captured = module.apply(params[net], probe, mutable=["intermediates"])
+        layers = jax.tree.leaves(captured)  # each [P, width], in order
+        if activation == "relu":
+            activity = [jnp.abs(h).mean(axis=0) for h in layers]  # [width] per layer
+            dormant = [a / (a.mean() + 1e-9) <= DORMANT_TAU for a in activity]
+            metrics[f"{net}_dormant_fraction"] = jnp.concatenate(dormant).mean()
+        else:
+            saturated = jnp.concatenate([(jnp.abs(h) > SATURATED).ravel() for h in layers])
+            metrics[f"{net}_saturated_fraction"] = saturated.mean()
+        features = layers[-1] - layers[-1].mean(axis=0)
+        cov = features.T @ features / features.shape[0]
+        metrics[f"{net}_feature_rank"] = jnp.trace(cov) ** 2 / (jnp.sum(cov**2) + 1e-12)
+    return metrics
 
 
 def make_train(config: Config):
@@ -1098,7 +1205,11 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
     def one_update(hp, runner):
         """update_step for every seed, plus an evaluation when --eval-every says so."""
         step = functools.partial(update_step, config, env, env_params, spec, agent)
-        runner, metrics = jax.vmap(step, in_axes=(axes(hp), 0))(hp, runner)
+        # The update counter is the same for every seed. Passed unbatched, conditions on it
+        # (the occasional diagnostics) stay branches, not selects.
+        runner_axes = jax.tree.map(lambda _: 0, runner).replace(update=None)
+        runner, metrics = jax.vmap(step, in_axes=(axes(hp), runner_axes))(
+            hp, runner.replace(update=runner.update[0]))
         if config.eval_every:
             done = runner.update[0]
             due = (done % config.eval_every == 0) | (done == config.num_updates)
@@ -1566,7 +1677,7 @@ def final_returns(metrics: dict) -> np.ndarray:
 # statistics, env states, RNG keys, episode statistics, the metrics so far) in flax msgpack:
 # no pickle, so loading a checkpoint cannot run code.
 CHECKPOINT = "checkpoint.msgpack"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: RunnerState gained the diagnostics probe batch
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
 RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
 

@@ -6,6 +6,7 @@
     python benchmarks/bench.py seeds8       # 8 vmapped CartPole seeds, each must reach 475
     python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
     python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
+    python benchmarks/bench.py diagnostics  # the cost of --diagnostics at the standard config
     python benchmarks/bench.py all
 
 Each prints its numbers and the machine they came from. Run one benchmark at a time on an
@@ -85,6 +86,30 @@ def throughput(repeats: int = 5) -> None:
     steps = config.num_updates * config.batch_size
     print(f"standard config: compile {compile_s:.1f} s; {steps / statistics.median(times):,.0f} "
           f"steps/s median, {steps / min(times):,.0f} best of {repeats}")
+
+
+def diagnostics_cost(repeats: int = 5) -> None:
+    """The standard config with --diagnostics on and off, timed alternately in one process
+    (this machine's speed drifts), compile excluded."""
+    import jax
+
+    import ppo_jax as P
+
+    programs = {}
+    for on in (True, False):
+        runner = P.make_runner(P.Config(diagnostics=on))
+        loop = runner.init(P.seed_keys(P.Config()))
+        programs[on] = (runner.run.lower(loop).compile(), loop)
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for on, (compiled, loop) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(loop))
+            times[on].append(time.perf_counter() - start)
+    steps = P.Config().num_updates * P.Config().batch_size
+    on, off = (statistics.median(times[k]) for k in (True, False))
+    print(f"standard config: diagnostics on {steps / on:,.0f} steps/s, off {steps / off:,.0f} "
+          f"steps/s (medians of {repeats}): the diagnostics cost {100 * (on / off - 1):.1f} %")
 
 
 def timed_run(config) -> tuple[float, dict]:
@@ -169,7 +194,7 @@ def gymnasium_scores(episodes: int = 20) -> None:
 
 
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
-              "memory": memory, "gymnasium": gymnasium_scores}
+              "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]

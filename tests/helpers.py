@@ -5,8 +5,10 @@ import jax.numpy as jnp
 
 import ppo_jax as P
 
+# Tiny sizes compile fast. The costlier diagnostics are off here (a bigger program to
+# compile); test_diagnostics.py and the resume test turn them on.
 TINY = dict(total_timesteps=2048, num_envs=4, num_steps=32, update_epochs=2, num_minibatches=2,
-            hidden_sizes=(16, 16))
+            hidden_sizes=(16, 16), diagnostics=False)
 
 
 def tiny_config(**overrides) -> P.Config:

@@ -21,13 +21,13 @@ from helpers import tiny_config
 
 ROOT = Path(__file__).parents[1]
 TINY = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "32",
-        "--hidden-sizes", "16", "16", "--no-compile-cache"]
+        "--hidden-sizes", "16", "16", "--no-compile-cache", "--no-diagnostics"]
 # Long enough to be interrupted: 1000 updates, ~3 s of training after ~10 s of start-up and
 # compiling. The first checkpoint (update 10) says training has begun; the stop lands at the
 # next progress report, ~0.25 s later.
 LONG = ["--total-timesteps", "128000", "--num-envs", "4", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--update-epochs", "2", "--num-minibatches", "2",
-        "--save-every", "10", "--no-compile-cache"]
+        "--save-every", "10", "--no-compile-cache", "--no-diagnostics"]
 
 
 def cli(*args, **kwargs):
@@ -76,7 +76,8 @@ def reload(config, loop, folder: Path, template):
 
 def test_resume_from_a_checkpoint_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     # Two seeds and both normalizers, so the checkpoint must carry every kind of state.
-    config = tiny_config(num_seeds=2, normalize_obs=True, normalize_reward=True)
+    config = tiny_config(num_seeds=2, normalize_obs=True, normalize_reward=True,
+                         diagnostics=True)  # the probe batch is part of the state too
     stop_at = {"update": None}
 
     def on_report(update, episode_return):

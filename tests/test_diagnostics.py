@@ -92,3 +92,92 @@ def test_training_logs_the_diagnostics_and_discrete_ones_only_for_discrete_actio
         assert all(np.isfinite(np.asarray(metrics[k])).all() for k in shared)
         assert (np.asarray(metrics["actor_update_norm"]) > 0).all()
     assert (np.asarray(discrete["approx_kl_max"]) >= np.asarray(discrete["approx_kl"])).all()
+
+
+# ── the costlier diagnostics (--diagnostics) ──────────────────────────────────────────────
+
+
+def numpy_hidden(params, obs, activation):
+    """The hidden activations of a torso, layer by layer, in plain NumPy."""
+    act = np.tanh if activation == "tanh" else (lambda x: np.maximum(x, 0.0))
+    torso = params["params"]["Torso_0"]
+    x, layers = np.asarray(obs, np.float64), []
+    for i in range(len([k for k in torso if k.startswith("Dense")])):
+        dense = torso[f"Dense_{i}"]
+        x = act(x @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"]))
+        layers.append(x)
+    return layers
+
+
+def test_representation_diagnostics_match_numpy():
+    rng = np.random.default_rng(2)
+    for activation in ("relu", "tanh"):
+        config = tiny_config(activation=activation, hidden_sizes=(32, 16))
+        _, _, spec, agent, state = build(config)
+        # large inputs saturate some tanh units and silence some ReLUs
+        probe = jnp.asarray(rng.normal(scale=3.0, size=(100, *spec.obs_shape)), jnp.float32)
+        got = P.representation_diagnostics(agent, state.params, probe, activation)
+        for net in ("actor", "critic"):
+            layers = numpy_hidden(state.params[net], probe, activation)
+            if activation == "relu":
+                scores = [np.abs(h).mean(0) / np.abs(h).mean(0).mean() for h in layers]
+                want = np.mean(np.concatenate(scores) <= 0.025)
+                np.testing.assert_allclose(got[f"{net}_dormant_fraction"], want, atol=1e-6)
+            else:
+                want = np.mean(np.concatenate([(np.abs(h) > 0.99).ravel() for h in layers]))
+                np.testing.assert_allclose(got[f"{net}_saturated_fraction"], want, atol=1e-6)
+                assert want > 0, "the probe should saturate some units"
+            eigenvalues = np.linalg.eigvalsh(np.cov(layers[-1].T, bias=True))
+            np.testing.assert_allclose(got[f"{net}_feature_rank"],
+                                       eigenvalues.sum() ** 2 / (eigenvalues**2).sum(), rtol=1e-3)
+
+
+def test_exploration_split_matches_per_sample_gradients_taken_one_by_one():
+    config = tiny_config(env="Acrobot-v1")
+    _, _, spec, agent, state = build(config)
+    batch = random_batch(spec, agent, state.params, B=64)
+    got = P.exploration_split(agent, state.params, batch, n=16)
+    index = np.arange(16) * 4  # spread evenly over the 64 samples
+    adv = (np.asarray(batch.advantage) - np.mean(batch.advantage)) / (np.std(batch.advantage) + 1e-8)
+    greedy_norms, explore_norms = [], []
+    for i in index:
+        def loss(actor_params):
+            pi = agent.actor.apply(actor_params, batch.obs[i:i + 1])
+            return -adv[i] * pi.log_prob(jnp.asarray(batch.action[i:i + 1]))[0]
+        grads = jax.grad(loss)(state.params["actor"])
+        norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+        logits = np.asarray(agent.policy(state.params, batch.obs[i:i + 1]).logits)[0]
+        (greedy_norms if batch.action[i] == logits.argmax() else explore_norms).append(norm)
+    assert greedy_norms and explore_norms, "the sample should hold both kinds of actions"
+    assert int(got["greedy_count"]) == len(greedy_norms)
+    assert int(got["explore_count"]) == len(explore_norms)
+    np.testing.assert_allclose(got["pg_norm_greedy"], np.mean(greedy_norms), rtol=1e-4)
+    np.testing.assert_allclose(got["pg_norm_explore"], np.mean(explore_norms), rtol=1e-4)
+
+
+def test_loss_term_gradients_add_up_to_the_actor_and_critic_gradients():
+    config = tiny_config(env="Acrobot-v1")
+    _, _, spec, agent, state = build(config)
+    batch = random_batch(spec, agent, state.params)
+    hp = config.hparams()
+    got = P.loss_term_grad_norms(agent, state.params, batch, hp, 0.05, False)
+    term = lambda pick: jax.grad(lambda p: pick(P.ppo_loss(p, agent, batch, hp.clip_eps,
+                                                           hp.vf_coef, 0.05)[1]))(state.params)
+    policy = term(lambda i: i.policy_loss)
+    entropy = term(lambda i: 0.05 * i.entropy)
+    value = term(lambda i: hp.vf_coef * i.value_loss)
+    norm = lambda tree: float(np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in jax.tree.leaves(tree))))
+    np.testing.assert_allclose(got["grad_norm_policy_actor"], norm(policy["actor"]), rtol=1e-4)
+    np.testing.assert_allclose(got["grad_norm_entropy_actor"], norm(entropy["actor"]), rtol=1e-4)
+    np.testing.assert_allclose(got["grad_norm_value_critic"], norm(value["critic"]), rtol=1e-4)
+    assert norm(value["actor"]) == 0 and norm(policy["critic"]) == 0  # separate networks
+
+
+def test_diagnostics_do_not_change_training_and_turn_off_completely():
+    on = jax.jit(P.make_train(tiny_config(diagnostics=True)))(P.make_key(0))[1]
+    off = jax.jit(P.make_train(tiny_config(diagnostics=False)))(P.make_key(0))[1]
+    extra = {"grad_norm_policy_actor", "pg_norm_greedy", "greedy_count", "actor_feature_rank",
+             "critic_saturated_fraction"}
+    assert extra <= set(on) and not extra & set(off)
+    for name, values in off.items():
+        np.testing.assert_array_equal(np.asarray(on[name]), np.asarray(values), err_msg=name)

@@ -16,7 +16,7 @@ import ppo_jax as P
 # 8 updates of 32 steps, one Adam step each: trained, but still short episodes (quick GIFs).
 TINY = ["--total-timesteps", "256", "--num-envs", "4", "--num-steps", "8",
         "--hidden-sizes", "16", "16", "--update-epochs", "1", "--num-minibatches", "1",
-        "--no-compile-cache", "--quiet"]
+        "--no-compile-cache", "--quiet", "--no-diagnostics"]
 EVAL_EVERY = 3
 LINE = re.compile(r"^seed (\d+): deterministic (-?\d+\.\d) \+- (\d+\.\d) \| "
                   r"stochastic (-?\d+\.\d) \+- (\d+\.\d)$")
