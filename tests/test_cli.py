@@ -24,8 +24,9 @@ def test_cli_trains_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
     result = run_cli("--env", "CartPole-v1", "--num-seeds", "2", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {"config.json", "metrics.jsonl", "learning_curve.png", "diagnostics.png",
-            "params.msgpack", "checkpoint.msgpack"} <= set(os.listdir(out))
+    assert {"config.json", "metrics.jsonl", "learning_curve.png", "params.msgpack",
+            "checkpoint.msgpack"} <= set(os.listdir(out))
+    assert "diagnostics.png" not in os.listdir(out)  # drawn with --diagnostics only
     config = json.loads((out / "config.json").read_text())
     assert config["num_envs"] == 4 and config["num_updates"] == 8 and config["num_seeds"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

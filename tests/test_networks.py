@@ -65,9 +65,11 @@ def test_continuous_actions_are_stored_unclipped_and_clipped_only_for_the_env():
     np.testing.assert_allclose(pi.log_prob(traj.action[0]), traj.log_prob[0], rtol=1e-5)
 
 
-def test_vmapped_train_has_no_lapack_call():
-    """Batched LAPACK QRs can deadlock XLA's CPU thread pool: init must not use them."""
-    train = jax.vmap(P.make_train(tiny_config()))
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_vmapped_train_has_no_lapack_call(diagnostics):
+    """Batched LAPACK calls (QR in init, an eigendecomposition in a diagnostic) can deadlock
+    XLA's CPU thread pool: the vmapped program must have none."""
+    train = jax.vmap(P.make_train(tiny_config(diagnostics=diagnostics)))
     text = jax.jit(train).lower(jax.random.split(P.make_key(0), 4)).as_text()
     assert "lapack" not in text.lower()
 

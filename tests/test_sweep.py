@@ -55,7 +55,8 @@ def test_cli_sweep_writes_one_stream_per_setting(tmp_path):
     out = tmp_path / "sweep"
     code = P.main(["--out", str(out), "--quiet", "--no-compile-cache", "--num-seeds", "2",
                    "--sweep", "learning_rate=1e-3,3e-3", "--total-timesteps", "1024",
-                   "--num-envs", "4", "--num-steps", "32", "--hidden-sizes", "16", "16"])
+                   "--num-envs", "4", "--num-steps", "32", "--hidden-sizes", "16", "16",
+                   "--diagnostics"])
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 2 * 2
@@ -66,3 +67,5 @@ def test_cli_sweep_writes_one_stream_per_setting(tmp_path):
         mine = [json.loads(line) for line in stream.read_text().splitlines()]
         assert len(mine) == 8 * 2 and {r["sweep"]["learning_rate"] for r in mine} == {float(value)}
     assert os.path.getsize(out / "learning_curve.png") > 0
+    assert os.path.getsize(out / "diagnostics.png") > 0
+    assert rows[0]["pg_norm_greedy"] is not None or rows[0]["greedy_count"] == 0
