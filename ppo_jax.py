@@ -1197,10 +1197,9 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
         """Mean deterministic and stochastic return of each seed's current policy: 2 x [S]."""
         keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
                                 config.num_runs)
-        run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
-            env, env_params, spec, agent, params, stats, key, config.eval_episodes,
-            deterministic).mean())(runner.params, runner.norm.obs, keys)
-        return run(True), run(False)
+        returns = evaluate_runs(Setup(env, env_params, spec, agent), runner, keys,
+                                config.eval_episodes)
+        return tuple(r.mean(axis=-1) for r in returns)
 
     def one_update(hp, runner):
         """update_step for every seed, plus an evaluation when --eval-every says so."""
@@ -1318,6 +1317,19 @@ def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, ke
     return end.returns
 
 
+def evaluate_runs(setup: Setup, runner: RunnerState, keys, num_episodes: int):
+    """Returns of every run's deterministic and stochastic policy: two [S, E] arrays."""
+    run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
+        *setup, params, stats, key, num_episodes, deterministic))(
+            runner.params, runner.norm.obs, keys)
+    return run(True), run(False)
+
+
+def policy_of(loop: Loop, run: int):
+    """Run `run`'s parameters and frozen observation statistics (None without them)."""
+    return jax.tree.map(lambda x: x[run], (loop.runner.params, loop.runner.norm.obs))
+
+
 def load_run(run_dir: str) -> tuple[Config, Loop]:
     """A run folder's config and its last checkpoint."""
     config = read_config(run_dir)
@@ -1337,7 +1349,7 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
         raise ConfigError(f"seed {seed} is not in {run_dir}, which trained runs 0 to "
                           f"{config.num_runs - 1}")
     _, _, spec, agent = make_setup(config)
-    params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
+    params, obs_stats = policy_of(loop, seed)
 
     @jax.jit
     def act(obs, mask, key):
@@ -1378,7 +1390,7 @@ def render_episode(config: Config, loop: Loop, path: str, seed: int = 0, key=Non
     (default: make_key(0)). Returns the episode's return."""
     check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
-    params, obs_stats = jax.tree.map(lambda x: x[seed], (loop.runner.params, loop.runner.norm.obs))
+    params, obs_stats = policy_of(loop, seed)
     max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))
 
     @jax.jit
@@ -1977,17 +1989,10 @@ def eval_main(argv: list[str]) -> int:
     config, loop = load_run(args.run_dir)
     if args.render:
         check_renderable(config.env)
-    env, env_params, spec, agent = make_setup(config)
-
-    @jax.jit
-    def evaluate_seeds(params, obs_stats, keys):
-        run = lambda deterministic: jax.vmap(lambda p, s, k: evaluate(
-            env, env_params, spec, agent, p, s, k, args.episodes, deterministic))(
-                params, obs_stats, keys)
-        return run(True), run(False)
-
+    setup = make_setup(config)
     keys = jax.random.split(make_key(args.seed), config.num_runs)
-    results = jax.device_get(evaluate_seeds(loop.runner.params, loop.runner.norm.obs, keys))
+    results = jax.device_get(jax.jit(lambda runner, keys: evaluate_runs(
+        setup, runner, keys, args.episodes))(loop.runner, keys))
     report = {"env": config.env, "episodes": args.episodes, "updates": loop.updates_done,
               "seeds": []}
     print(f"{config.env} after {loop.updates_done * config.batch_size:,} steps, "
