@@ -85,7 +85,7 @@ class Config:
     num_minibatches: int = 4
     """Minibatches per epoch; must divide num_envs * num_steps."""
     learning_rate: float = 2.5e-4
-    """Adam step size at the first update."""
+    """Step size at the first update."""
     anneal_lr: bool = True
     """Decay the learning rate linearly to zero over the updates."""
     gamma: float = 0.99
@@ -104,6 +104,9 @@ class Config:
     """Value loss coefficient."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip, over actor and critic together."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Adam, or plain SGD (the clipped gradient times the learning rate; it needs a larger
+    one). notebooks/02 compares them."""
     target_kl: float | None = None
     """Stop an update's remaining epochs once an epoch's mean approx KL exceeds this."""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -848,11 +851,12 @@ def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
 # ── Update ────────────────────────────────────────────────────────────────────────────────
 
 
-def make_optimizer(max_grad_norm):
-    """Global-norm clipping, then Adam's scaling (eps 1e-5). The learning rate is applied in
-    update_minibatch, so it can follow a schedule and be traced without rebuilding this."""
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(max_grad_norm),
-                                     optax.scale_by_adam(eps=1e-5)))
+def make_optimizer(max_grad_norm, optimizer: str = "adam"):
+    """Global-norm clipping, then Adam's scaling (eps 1e-5), or nothing more for plain SGD.
+    The learning rate is applied in update_minibatch, so it can follow a schedule and be
+    traced without rebuilding this."""
+    scale = optax.scale_by_adam(eps=1e-5) if optimizer == "adam" else optax.identity()
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(max_grad_norm), scale))
 
 
 class UpdateInfo(NamedTuple):
@@ -863,13 +867,14 @@ class UpdateInfo(NamedTuple):
     clipped: jax.Array  # whether global-norm clipping shrank this step
 
 
-def update_minibatch(agent: Agent, hp: HParams, clip_value_loss: bool, ent_coef, lr,
-                     train: tuple, batch: Batch):
-    """One Adam step on one minibatch. `train` is (params, opt_state)."""
+def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
+                     batch: Batch):
+    """One optimizer step on one minibatch. `train` is (params, opt_state)."""
     params, opt_state = train
     grads, info = jax.grad(ppo_loss, has_aux=True)(
-        params, agent, batch, hp.clip_eps, hp.vf_coef, ent_coef, clip_value_loss)
-    updates, opt_state = make_optimizer(hp.max_grad_norm).update(grads, opt_state, params)
+        params, agent, batch, hp.clip_eps, hp.vf_coef, ent_coef, config.clip_value_loss)
+    optimizer = make_optimizer(hp.max_grad_norm, config.optimizer)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
     grad_norm = optax.tree.norm(grads)
     return (params, opt_state), UpdateInfo(info, grad_norm, grad_norm > hp.max_grad_norm)
@@ -882,8 +887,7 @@ def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train:
     minibatches = jax.tree.map(
         lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
                                          *x.shape[1:]), batch)
-    minibatch_step = functools.partial(update_minibatch, agent, hp, config.clip_value_loss,
-                                       ent_coef, lr)
+    minibatch_step = functools.partial(update_minibatch, agent, hp, config, ent_coef, lr)
     return jax.lax.scan(minibatch_step, train, minibatches)
 
 
@@ -937,9 +941,9 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
     zeros = jnp.zeros(config.num_envs)
     probe = (jnp.zeros((min(PROBE_SIZE, config.batch_size), *spec.obs_shape))
              if config.diagnostics else None)  # filled from the first rollout
-    return RunnerState(params, make_optimizer(hp.max_grad_norm).init(params), env_state, obs,
-                       mask, EpisodeStats(zeros, zeros.astype(jnp.int32)),
-                       init_normalizers(config, obs), key, jnp.array(0, jnp.int32), probe)
+    opt_state = make_optimizer(hp.max_grad_norm, config.optimizer).init(params)
+    return RunnerState(params, opt_state, env_state, obs, mask,
+                       EpisodeStats(zeros, zeros.astype(jnp.int32)), init_normalizers(config, obs), key, jnp.array(0, jnp.int32), probe)
 
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,

@@ -119,3 +119,21 @@ def test_target_kl_stops_the_remaining_epochs_under_jit_and_vmap():
     assert (epochs[0] == 1).all()  # the first epoch always runs, then KL > 1e-9 stops it
     assert (epochs[1] == 4).all()
     assert not np.allclose(metrics["policy_loss"][0], metrics["policy_loss"][1])
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3])  # clipping active, then not
+def test_sgd_step_is_the_clipped_gradient_times_the_learning_rate(max_grad_norm):
+    config = tiny_config(optimizer="sgd", max_grad_norm=max_grad_norm)
+    env, env_params, spec, agent, state = build(config)
+    state, traj, _ = P.collect_rollout(env, env_params, spec, agent, config.num_steps, 0.99, state)
+    batch = P.rollout_to_batch(agent, state.params, traj, 0.99, 0.95, True)
+    hp = config.hparams()
+    (params, _), _ = P.update_minibatch(agent, hp, config, 0.01, 0.1,
+                                        (state.params, state.opt_state), batch)
+    grads = jax.grad(lambda p: P.ppo_loss(p, agent, batch, 0.2, 0.5, 0.01)[0])(state.params)
+    flat = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    norm = np.sqrt(sum(np.sum(g**2) for g in flat))
+    scale = min(1.0, max_grad_norm / norm)
+    for before, after, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), flat):
+        np.testing.assert_allclose(np.asarray(after), np.asarray(before) - 0.1 * scale * g,
+                                   rtol=1e-5, atol=1e-7)
