@@ -488,6 +488,23 @@ def orthogonal(scale: float = 1.0):
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 
 
+class Conv3x3(nn.Module):
+    """nn.Conv(features, (3, 3)) with 'SAME' padding (same parameters, same numbers),
+    computed as image patches times a matrix. XLA:CPU runs a convolution's gradient inside a
+    loop (and all of training is one) about 5x slower than outside one; as patches and a
+    matmul the MinAtar presets' learning phase took 2.0 s per update instead of 8.5 s."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, C] -> [B, H, W, features]
+        kernel = self.param("kernel", orthogonal(math.sqrt(2)), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        patches = jax.lax.conv_general_dilated_patches(  # [B, H, W, C * 9], channel-major
+            x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features) + bias
+
+
 class Torso(nn.Module):
     """The shared shape of actor and critic before their heads: for image observations
     [H, W, C] (MinAtar) a small CNN first (3x3 convolutions, ReLU), then hidden layers.
@@ -501,8 +518,8 @@ class Torso(nn.Module):
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B, hidden_sizes[-1]]
         x = obs.astype(jnp.float32)
         if x.ndim == 4:  # [B, H, W, C]
-            for channels in self.cnn_channels:
-                x = nn.relu(nn.Conv(channels, (3, 3), kernel_init=orthogonal(math.sqrt(2)))(x))
+            for i, channels in enumerate(self.cnn_channels):
+                x = nn.relu(Conv3x3(channels, name=f"Conv_{i}")(x))  # nn.Conv's parameter names
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden_sizes:
             x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)))(x)

@@ -88,3 +88,23 @@ def test_four_vmapped_seeds_finish_without_deadlock():
                             timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok" in result.stdout
+
+
+def test_conv3x3_equals_a_naive_same_convolution_and_has_nn_convs_parameters():
+    import flax.linen as nn
+
+    x = jax.random.normal(P.make_key(0), (2, 5, 6, 3))
+    params = P.Conv3x3(4).init(P.make_key(1), x)
+    reference = nn.Conv(4, (3, 3))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference.init(P.make_key(1), x))
+    kernel, bias = (np.asarray(params["params"][k], np.float64) for k in ("kernel", "bias"))
+    padded = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((2, 5, 6, 4)) + bias
+    for b, i, j, di, dj, c, f in np.ndindex(2, 5, 6, 3, 3, 3, 4):  # plain loops
+        want[b, i, j, f] += padded[b, i + di, j + dj, c] * kernel[di, dj, c, f]
+    np.testing.assert_allclose(P.Conv3x3(4).apply(params, x), want, rtol=1e-5, atol=1e-5)
+    # and the same gradient as flax's convolution with these parameters
+    loss = lambda module: lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+    for ours, theirs in zip(jax.tree.leaves(jax.grad(loss(P.Conv3x3(4)))(params)),
+                            jax.tree.leaves(jax.grad(loss(reference))(params))):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
