@@ -317,7 +317,8 @@ def import_gymnax():
 
     gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
     only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
-    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Whatever uses seaborn later gets the real module.
+    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Whatever
+    uses seaborn later gets the real module.
     """
     if "seaborn" not in sys.modules and (spec := importlib.util.find_spec("seaborn")):
         stand_in = DeferredModule("seaborn")
@@ -492,13 +493,14 @@ class Conv3x3(nn.Module):
     """nn.Conv(features, (3, 3)) with 'SAME' padding (same parameters, same numbers),
     computed as image patches times a matrix. XLA:CPU runs a convolution's gradient inside a
     loop (and all of training is one) about 5x slower than outside one; as patches and a
-    matmul the MinAtar presets' learning phase took 2.0 s per update instead of 8.5 s."""
+    matmul, Breakout-MinAtar's learning phase took 2.0 s per update instead of 8.5 s."""
 
     features: int
 
     @nn.compact
     def __call__(self, x):  # [B, H, W, C] -> [B, H, W, features]
-        kernel = self.param("kernel", orthogonal(math.sqrt(2)), (3, 3, x.shape[-1], self.features))
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", orthogonal(math.sqrt(2)), shape)
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         patches = jax.lax.conv_general_dilated_patches(  # [B, H, W, C * 9], channel-major
             x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -960,7 +962,8 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
              if config.diagnostics else None)  # filled from the first rollout
     opt_state = make_optimizer(hp.max_grad_norm, config.optimizer).init(params)
     return RunnerState(params, opt_state, env_state, obs, mask,
-                       EpisodeStats(zeros, zeros.astype(jnp.int32)), init_normalizers(config, obs), key, jnp.array(0, jnp.int32), probe)
+                       EpisodeStats(zeros, zeros.astype(jnp.int32)), init_normalizers(config, obs),
+                       key, jnp.array(0, jnp.int32), probe)
 
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
@@ -1162,7 +1165,9 @@ def seed_keys(config: Config):
 def fast_compile_options() -> dict | None:
     """XLA:CPU's fast-compile preset: 11 % less compile time for the CartPole preset (3.6
     against 4.0 s), no slower to run; compile time is most of a short run's wall time."""
-    return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"} if jax.default_backend() == "cpu" else None
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
 
 
 # What stopped the training loop before its last update (Loop.stop).
