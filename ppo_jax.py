@@ -219,9 +219,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "MountainCarContinuous-v0": dict(total_timesteps=2_000_000, num_envs=64, num_steps=128,
                                      gamma=0.9999, ent_coef=0.0, normalize_obs=True,
                                      normalize_reward=True),
+    # gamma 0.999 values keeping the ball or ship alive; on the CPU a flat 2 x 256 MLP
+    # trains 7x faster than the CNN torso (23k against 3.3k steps/s on Breakout).
     **{f"{game}-MinAtar": dict(total_timesteps=10_000_000, num_envs=64, num_steps=128,
-                               num_minibatches=8, learning_rate=5e-4, activation="relu",
-                               hidden_sizes=(256,))
+                               num_minibatches=8, learning_rate=5e-4, anneal_lr=False,
+                               gamma=0.999, activation="relu", hidden_sizes=(256, 256),
+                               cnn_channels=())
        for game in ("Breakout", "SpaceInvaders", "Asterix", "Freeway")},
 }
 
