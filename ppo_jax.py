@@ -224,7 +224,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{f"{game}-MinAtar": dict(total_timesteps=10_000_000, num_envs=64, num_steps=128,
                                num_minibatches=8, learning_rate=5e-4, anneal_lr=False,
                                gamma=0.999, activation="relu", hidden_sizes=(256, 256),
-                               cnn_channels=())
+                               cnn_channels=(),
+                               # measured: 0.01 left Breakout at 22 after 1e7 steps, 0.03 at 54
+                               ent_coef=0.03 if game == "Breakout" else 0.01)
        for game in ("Breakout", "SpaceInvaders", "Asterix", "Freeway")},
 }
 
