@@ -892,6 +892,22 @@ class UpdateInfo(NamedTuple):
     clipped: jax.Array  # whether global-norm clipping shrank this step
 
 
+def pack(stats) -> jax.Array:
+    """A NamedTuple of scalars as one float32 vector [K]. A scan then stacks one array per
+    step instead of K, and on XLA:CPU each stacked output is a kernel of its own."""
+    return jnp.stack([jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(stats)], axis=-1)
+
+
+PACKED_INFO_SIZE = len(LossInfo._fields) + 2  # an UpdateInfo: the LossInfo, grad_norm, clipped
+
+
+def unpack_update_info(packed) -> UpdateInfo:
+    """pack's inverse for an UpdateInfo packed as [..., K]: each field [...]."""
+    fields = list(jnp.moveaxis(packed, -1, 0))
+    losses = len(LossInfo._fields)
+    return UpdateInfo(LossInfo(*fields[:losses]), *fields[losses:])
+
+
 def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                      batch: Batch):
     """One optimizer step on one minibatch. `train` is (params, opt_state)."""
@@ -907,12 +923,17 @@ def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, tr
 
 def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                  batch: Batch, key):
-    """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches)."""
+    """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches).
+    Returns the new (params, opt_state) and the packed UpdateInfo of each minibatch [M, K]."""
     permutation = jax.random.permutation(key, config.batch_size)
     minibatches = jax.tree.map(
         lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
                                          *x.shape[1:]), batch)
-    minibatch_step = functools.partial(update_minibatch, agent, hp, config, ent_coef, lr)
+
+    def minibatch_step(train, minibatch):
+        train, info = update_minibatch(agent, hp, config, ent_coef, lr, train, minibatch)
+        return train, pack(info)
+
     return jax.lax.scan(minibatch_step, train, minibatches)
 
 
@@ -928,22 +949,21 @@ def update(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple
     if config.target_kl is None:
         train, infos = jax.lax.scan(lambda t, k: epoch(t, batch, k), train,
                                     jax.random.split(key, config.update_epochs))
-        return train, infos, jnp.ones(config.update_epochs, bool)
+        return train, unpack_update_info(infos), jnp.ones(config.update_epochs, bool)
 
-    no_info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           jax.eval_shape(epoch, train, batch, key)[1])
+    no_info = jnp.zeros((config.num_minibatches, PACKED_INFO_SIZE))
 
     def epoch_step(carry, epoch_key):
         train, stopped = carry
         train, info = jax.lax.cond(stopped, lambda t: (t, no_info),
                                    lambda t: epoch(t, batch, epoch_key), train)
         ran = ~stopped
-        stopped = stopped | (info.loss.approx_kl.mean() > hp.target_kl)
+        stopped = stopped | (unpack_update_info(info).loss.approx_kl.mean() > hp.target_kl)
         return (train, stopped), (info, ran)
 
     (train, _), (infos, ran) = jax.lax.scan(epoch_step, (train, jnp.array(False)),
                                             jax.random.split(key, config.update_epochs))
-    return train, infos, ran
+    return train, unpack_update_info(infos), ran
 
 
 # ── Train ─────────────────────────────────────────────────────────────────────────────────
@@ -1015,39 +1035,40 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
     rollout batch and of how far the optimizer moved each network."""
     weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape) / (
         ran.sum() * infos.grad_norm.shape[1])
-    mean = lambda x: jnp.sum(x * weights)
+    means = unpack_update_info(jnp.tensordot(weights, pack(infos), axes=2))  # one contraction
     episodes = jnp.maximum(finished.count, 1)
     metrics = {
         "episode_return": jnp.where(finished.count > 0, finished.return_sum / episodes, jnp.nan),
         "episode_length": jnp.where(finished.count > 0, finished.length_sum / episodes, jnp.nan),
         "episodes_finished": finished.count,
-        "policy_loss": mean(infos.loss.policy_loss),
-        "value_loss": mean(infos.loss.value_loss),
-        "entropy": mean(infos.loss.entropy),
-        "approx_kl": mean(infos.loss.approx_kl),
+        "policy_loss": means.loss.policy_loss,
+        "value_loss": means.loss.value_loss,
+        "entropy": means.loss.entropy,
+        "approx_kl": means.loss.approx_kl,
         "approx_kl_max": jnp.max(jnp.where(ran[:, None], infos.loss.approx_kl_max, 0.0)),
-        "clip_fraction": mean(infos.loss.clip_fraction),
+        "clip_fraction": means.loss.clip_fraction,
         "explained_variance": 1.0 - jnp.var(batch.target - batch.value) / jnp.var(batch.target),
         "value_rmse": jnp.sqrt(jnp.mean(jnp.square(batch.value - batch.target))),
         "advantage_mean": batch.advantage.mean(),  # before per-minibatch normalization
         "advantage_std": batch.advantage.std(),
-        "grad_norm": mean(infos.grad_norm),
-        "grad_clip_fraction": mean(infos.clipped),
+        "grad_norm": means.grad_norm,
+        "grad_clip_fraction": means.clipped,
         "learning_rate": lr,
         "ent_coef": ent_coef,
         "epochs_run": ran.sum(),
     }
     if spec.discrete:
-        metrics.update(max_prob=mean(infos.loss.max_prob),
-                       entropy_normalized=mean(infos.loss.entropy_normalized))
+        metrics.update(max_prob=means.loss.max_prob,
+                       entropy_normalized=means.loss.entropy_normalized)
     for net in ("actor", "critic"):  # what the optimizer actually did to each network
-        before, after = params_before[net], params_after[net]
-        step = optax.tree.norm(jax.tree.map(jnp.subtract, after, before))
+        # As one vector per network: a norm over the leaves one by one costs a kernel each.
+        before, after = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(p[net])])
+                         for p in (params_before, params_after))
+        step = jnp.linalg.norm(after - before)
         metrics.update({f"{net}_update_norm": step,
-                        f"{net}_update_ratio": step / optax.tree.norm(before),
-                        f"{net}_param_norm": optax.tree.norm(after)})
+                        f"{net}_update_ratio": step / jnp.linalg.norm(before),
+                        f"{net}_param_norm": jnp.linalg.norm(after)})
     return metrics
-
 
 
 # ── Costlier diagnostics (--diagnostics) ──────────────────────────────────────────────────
@@ -1233,14 +1254,23 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
                                 config.eval_episodes)
         return tuple(r.mean(axis=-1) for r in returns)
 
+    @jax.jit  # traced once per process: init's eval_shape and run's loop share the trace
     def one_update(hp, runner):
         """update_step for every seed, plus an evaluation when --eval-every says so."""
         step = functools.partial(update_step, config, env, env_params, spec, agent)
         # The update counter is the same for every seed. Passed unbatched, conditions on it
         # (the occasional diagnostics) stay branches, not selects.
-        runner_axes = jax.tree.map(lambda _: 0, runner).replace(update=None)
-        runner, metrics = jax.vmap(step, in_axes=(axes(hp), runner_axes))(
-            hp, runner.replace(update=runner.update[0]))
+        runner = runner.replace(update=runner.update[0])
+        if config.num_runs == 1:
+            # A vmap over one run still batches every matmul: 11 % fewer steps/s at the
+            # standard config (benchmarks/bench.py throughput).
+            first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            alone = first(runner.replace(update=None)).replace(update=runner.update)
+            runner, metrics = step(HParams(*(v[0] if jnp.ndim(v) else v for v in hp)), alone)
+            runner, metrics = jax.tree.map(lambda x: x[None], (runner, metrics))
+        else:
+            runner_axes = jax.tree.map(lambda _: 0, runner).replace(update=None)
+            runner, metrics = jax.vmap(step, in_axes=(axes(hp), runner_axes))(hp, runner)
         if config.eval_every:
             done = runner.update[0]
             due = (done % config.eval_every == 0) | (done == config.num_updates)
@@ -1254,20 +1284,23 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
         hp = config.hparams() if hparams is None else hparams
         init_one = functools.partial(init_runner_state, config, env, env_params, spec, agent)
         runner = jax.vmap(init_one, in_axes=(axes(hp), 0))(hp, keys)
+        # Strong dtypes throughout (gymnax's time counters start weakly typed), as a loaded
+        # checkpoint has them: a fresh and a resumed Loop then share one compiled `run`, and
+        # `run` reuses the trace of one_update made here.
+        runner = jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), runner)
         rows = jax.eval_shape(one_update, hp, runner)[1]
         history = {k: jnp.zeros((config.num_updates, *v.shape), v.dtype) for k, v in rows.items()}
-        loop = Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
-        # Strong dtypes throughout (gymnax's time counters start weakly typed), as a loaded
-        # checkpoint has them: a fresh and a resumed Loop then share one compiled `run`.
-        return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), loop)
+        return Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
 
     def loop_body(hp, carry):
         loop, next_report = carry
         done = loop.runner.update[0] + 1
         runner, metrics = one_update(hp, loop.runner)
+        # A parameter norm is finite exactly when every parameter is (or one passed 1e19,
+        # which is as broken): one check per network instead of one per leaf.
         finite = jnp.stack([jnp.isfinite(metrics[k]).all() for k in GUARDED]
-                           + [jnp.all(jnp.array([jnp.isfinite(p).all()
-                                                 for p in jax.tree.leaves(runner.params)]))])
+                           + [jnp.isfinite(metrics["actor_param_norm"]).all()
+                              & jnp.isfinite(metrics["critic_param_norm"]).all()])
         ok = finite.all()
         # A non-finite update is not kept: the loop ends on the last good state.
         runner = jax.tree.map(lambda new, old: jnp.where(ok, new, old), runner, loop.runner)
