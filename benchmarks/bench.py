@@ -7,10 +7,14 @@
     python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
     python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
     python benchmarks/bench.py diagnostics  # the cost of --diagnostics at the standard config
-    python benchmarks/bench.py all
+    python benchmarks/bench.py all          # each of the above
+    python benchmarks/bench.py compare REV  # this tree against git revision REV (default
+                                            # HEAD), interleaved in one process
 
 Each prints its numbers and the machine they came from. Run one benchmark at a time on an
-otherwise idle machine: two at once share the cores and both numbers lie.
+otherwise idle machine: two at once share the cores and both numbers lie. This machine's
+speed also drifts by 10-20 % from one minute to the next, so judge a change with `compare`,
+which times both versions turn about in one process, not with two separate runs.
 """
 
 from __future__ import annotations
@@ -193,11 +197,65 @@ def gymnasium_scores(episodes: int = 20) -> None:
                       f"{np.std(returns):.1f} over {episodes} episodes")
 
 
+def compare(revision: str = "HEAD", rounds: int = 8) -> None:
+    """This working tree's ppo_jax.py against the one at a git revision, in one process and
+    interleaved, so that the machine's drift hits both alike: the standard config's `run`
+    program, compiled afresh each round (wall and CPU seconds), then trained once."""
+    import importlib.util
+
+    import jax
+
+    source = subprocess.run(["git", "show", f"{revision}:ppo_jax.py"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if source.returncode != 0:
+        sys.exit(f"error: cannot read ppo_jax.py at {revision!r} ({source.stderr.strip()}); "
+                 "give a commit, tag or branch of this repository")
+    modules = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, path in ((revision, os.path.join(folder, "ppo_jax_then.py")),
+                           ("working tree", os.path.join(ROOT, "ppo_jax.py"))):
+            if name == revision:
+                with open(path, "w") as f:
+                    f.write(source.stdout)
+            spec = importlib.util.spec_from_file_location(f"ppo_jax_{len(modules)}", path)
+            modules[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+    programs = {}
+    for name, P in modules.items():
+        config = P.Config()
+        runner = P.make_runner(config, on_report=P.Progress(config, show=False))
+        programs[name] = (runner, runner.init(P.seed_keys(config)))
+    steps = config.num_updates * config.batch_size
+    results = {name: {"compile wall": [], "compile CPU": [], "steps/s": []} for name in modules}
+    for _ in range(rounds):
+        for name, (runner, loop) in programs.items():
+            jax.clear_caches()  # compile afresh, not from the in-memory cache
+            lowered = runner.run.lower(loop)
+            wall, cpu = time.perf_counter(), time.process_time()
+            compiled = lowered.compile()
+            results[name]["compile wall"].append(time.perf_counter() - wall)
+            results[name]["compile CPU"].append(time.process_time() - cpu)
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(loop))
+            results[name]["steps/s"].append(steps / (time.perf_counter() - start))
+    for name, measured in results.items():
+        print(f"{name:>14s}: " + " | ".join(
+            f"{what} median {statistics.median(v):,.{0 if what == 'steps/s' else 2}f} "
+            f"(best {(max if what == 'steps/s' else min)(v):,.{0 if what == 'steps/s' else 2}f})"
+            for what, v in measured.items()) + f"  [{rounds} rounds, standard config]")
+
+
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
               "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]
+    if names[0] == "compare":
+        if len(names) > 2:
+            sys.exit("error: compare takes one git revision: bench.py compare [REV]")
+        print(machine())
+        compare(*names[1:])
+        sys.exit(0)
     if names == ["all"]:
         names = list(BENCHMARKS)
     unknown = set(names) - set(BENCHMARKS)
