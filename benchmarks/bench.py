@@ -12,8 +12,8 @@
                                             # HEAD), interleaved in one process
 
 Each prints its numbers and the machine they came from. Run one benchmark at a time on an
-otherwise idle machine: two at once share the cores and both numbers lie. This machine's
-speed also drifts by 10-20 % from one minute to the next, so judge a change with `compare`,
+otherwise idle machine: two at once share the cores and both numbers lie. These machines'
+speed can also drift by 10-40 % from one minute to the next, so judge a change with `compare`,
 which times both versions turn about in one process, not with two separate runs.
 """
 
