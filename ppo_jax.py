@@ -1157,6 +1157,9 @@ def representation_diagnostics(agent: Agent, params, probe, activation: str) -> 
     return metrics
 
 
+# ── Training loop ─────────────────────────────────────────────────────────────────────
+
+
 def make_train(config: Config):
     """Build train(key, hparams=None) -> (RunnerState, metrics) for one seed.
 
