@@ -1157,7 +1157,7 @@ def representation_diagnostics(agent: Agent, params, probe, activation: str) -> 
     return metrics
 
 
-# ── Training loop ─────────────────────────────────────────────────────────────────────
+# ── Training loop ─────────────────────────────────────────────────────────────────────────
 
 
 def make_train(config: Config):
