@@ -1,5 +1,7 @@
 """Small shared pieces for the tests: tiny configs and a built agent."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +15,13 @@ TINY = dict(total_timesteps=2048, num_envs=4, num_steps=32, update_epochs=2, num
 
 def tiny_config(**overrides) -> P.Config:
     return P.Config(**{**TINY, **overrides})
+
+
+@functools.cache
+def jitted_train(config: P.Config):
+    """jax.jit(make_train(config)), one per config for the whole session: tests that train the
+    same config share its compile (about 5 s each)."""
+    return jax.jit(P.make_train(config))
 
 
 def build(config: P.Config, seed: int = 0):

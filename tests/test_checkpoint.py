@@ -22,10 +22,10 @@ from helpers import tiny_config
 ROOT = Path(__file__).parents[1]
 TINY = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--no-compile-cache", "--no-diagnostics"]
-# Long enough to be interrupted: 1000 updates, ~3 s of training after ~10 s of start-up and
-# compiling. The first checkpoint (update 10) says training has begun; the stop lands at the
-# next progress report, ~0.25 s later.
-LONG = ["--total-timesteps", "128000", "--num-envs", "4", "--num-steps", "32",
+# Long enough to be interrupted: 500 updates, ~3 s of training (as the tests compile it, see
+# conftest.py) after ~10 s of start-up and compiling. The first checkpoint (update 10) says
+# training has begun; the stop lands at the next progress report, ~0.25 s later.
+LONG = ["--total-timesteps", "64000", "--num-envs", "4", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--update-epochs", "2", "--num-minibatches", "2",
         "--save-every", "10", "--no-compile-cache", "--no-diagnostics"]
 

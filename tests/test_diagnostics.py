@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppo_jax as P
-from helpers import build, numpy_log_softmax, tiny_config
+from helpers import build, jitted_train, numpy_log_softmax, tiny_config
 from test_loss import random_batch
 
 
@@ -81,7 +81,7 @@ def test_summarize_update_matches_numpy():
 
 
 def test_training_logs_the_diagnostics_and_discrete_ones_only_for_discrete_actions():
-    discrete = jax.jit(P.make_train(tiny_config()))(P.make_key(0))[1]
+    discrete = jitted_train(tiny_config())(P.make_key(0))[1]
     continuous = jax.jit(P.make_train(tiny_config(env="Pendulum-v1")))(P.make_key(0))[1]
     shared = {"approx_kl_max", "value_rmse", "advantage_mean", "advantage_std",
               "grad_clip_fraction", "actor_update_ratio", "critic_update_ratio",
@@ -175,7 +175,7 @@ def test_loss_term_gradients_add_up_to_the_actor_and_critic_gradients():
 
 def test_diagnostics_do_not_change_training_and_turn_off_completely():
     on = jax.jit(P.make_train(tiny_config(diagnostics=True)))(P.make_key(0))[1]
-    off = jax.jit(P.make_train(tiny_config(diagnostics=False)))(P.make_key(0))[1]
+    off = jitted_train(tiny_config(diagnostics=False))(P.make_key(0))[1]
     extra = {"grad_norm_policy_actor", "pg_norm_greedy", "greedy_count", "actor_feature_rank",
              "critic_saturated_fraction"}
     assert extra <= set(on) and not extra & set(off)

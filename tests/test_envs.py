@@ -12,7 +12,16 @@ from helpers import tiny_config
 NEEDS_NETWORK = {"MNISTBandit-bsuite"}
 
 
-@pytest.mark.parametrize("env", sorted(set(gymnax.registered_envs) - NEEDS_NETWORK))
+# The five presets and one env of each other family (image observations through the CNN,
+# bsuite, misc) run in the default suite; the rest of the 25 only with --slow: an update
+# compiles in 4 to 18 s, and the others add no code path these do not take.
+DEFAULT_SUITE = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1",
+                 "MountainCarContinuous-v0", "Breakout-MinAtar", "Catch-bsuite", "FourRooms-misc"}
+ENVS = [env if env in DEFAULT_SUITE else pytest.param(env, marks=pytest.mark.slow)
+        for env in sorted(set(gymnax.registered_envs) - NEEDS_NETWORK)]
+
+
+@pytest.mark.parametrize("env", ENVS)
 def test_every_registered_env_completes_one_update(env):
     config = tiny_config(env=env, total_timesteps=64, num_envs=2, num_steps=32,
                          update_epochs=1, num_minibatches=1, hidden_sizes=(8,), cnn_channels=(2,))

@@ -17,7 +17,10 @@ def test_a_vmapped_grid_equals_the_settings_run_one_by_one():
     assert config.num_runs == 8
     runner = P.make_runner(config)
     grid = runner.run(runner.init(P.seed_keys(config))).metrics()
-    for index, setting in enumerate(config.settings):
+    # Settings 1 and 2 differ in both names, and swapping the grid's axes would swap them: one
+    # compile each, where all four would double the test's time.
+    for index in (1, 2):
+        setting = config.settings[index]
         alone = P.Config(**{**vars(config), "sweep": (), **setting})
         _, metrics = jax.jit(jax.vmap(P.make_train(alone)))(P.seed_keys(alone))
         for name, values in metrics.items():
@@ -25,7 +28,8 @@ def test_a_vmapped_grid_equals_the_settings_run_one_by_one():
                 grid[name][2 * index:2 * index + 2], np.asarray(values), rtol=1e-4, atol=1e-5,
                 err_msg=f"{setting} {name}")
     # the settings differ, so the test compares something
-    assert not np.allclose(grid["learning_rate"][0], grid["learning_rate"][4])
+    assert not np.allclose(grid["learning_rate"][2], grid["learning_rate"][4])
+    assert not np.allclose(grid["value_loss"][2], grid["value_loss"][4])
 
 
 def test_settings_are_the_cartesian_grid_in_flag_order():

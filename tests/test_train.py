@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ppo_jax as P
-from helpers import build, tiny_config
+from helpers import build, jitted_train, tiny_config
 
 METRICS = ["episode_return", "episode_length", "episodes_finished", "policy_loss", "value_loss",
            "entropy", "approx_kl", "clip_fraction", "explained_variance", "grad_norm",
@@ -21,14 +21,14 @@ def assert_same(a: dict, b: dict, **tolerance):
 
 def test_metrics_have_one_value_per_update():
     config = tiny_config()
-    _, metrics = jax.jit(P.make_train(config))(P.make_key(0))
+    _, metrics = jitted_train(config)(P.make_key(0))
     assert set(METRICS) <= set(metrics)
     for name, values in metrics.items():
         assert values.shape == (config.num_updates,), name
 
 
 def test_same_seed_gives_identical_metrics():
-    train = jax.jit(P.make_train(tiny_config()))
+    train = jitted_train(tiny_config())
     assert_same(train(P.make_key(7))[1], train(P.make_key(7))[1])
     assert not np.array_equal(train(P.make_key(7))[1]["value_loss"],
                               train(P.make_key(8))[1]["value_loss"])
@@ -37,9 +37,8 @@ def test_same_seed_gives_identical_metrics():
 def test_vmapped_seeds_equal_separate_runs():
     config = tiny_config()
     keys = jax.random.split(P.make_key(0), 3)
-    train = P.make_train(config)
-    _, batched = jax.jit(jax.vmap(train))(keys)
-    single = jax.jit(train)
+    _, batched = jax.jit(jax.vmap(P.make_train(config)))(keys)
+    single = jitted_train(config)
     for i, key in enumerate(keys):
         _, alone = single(key)
         assert_same({k: v[i] for k, v in batched.items()}, alone, rtol=1e-4, atol=1e-5)
