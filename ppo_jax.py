@@ -1195,12 +1195,18 @@ def seed_keys(config: Config):
     return keys[np.arange(config.num_runs) % config.num_seeds]
 
 
-def fast_compile_options() -> dict | None:
+def fast_compile_options(runs_once: bool = False) -> dict | None:
     """XLA:CPU's fast-compile preset: 11 % less compile time for the CartPole preset (3.6
-    against 4.0 s), no slower to run; compile time is most of a short run's wall time."""
+    against 4.0 s), no slower to run; compile time is most of a short run's wall time.
+
+    runs_once (init): also turn off XLA:CPU's MLIR fusion emitters. Measured on the CartPole
+    preset's init, 4 fresh processes each: 3.25 -> 2.77 s to compile, peak RSS 405 -> 315 MB,
+    and the same initial state, bitwise. `run` keeps them: without, it trains about half as
+    fast."""
     if jax.default_backend() != "cpu":
         return None
-    return {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
+    preset = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
+    return {**preset, "xla_cpu_use_fusion_emitters": False} if runs_once else preset
 
 
 # What stopped the training loop before its last update (Loop.stop).
@@ -1285,7 +1291,7 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
             metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
         return runner, metrics
 
-    @functools.partial(jax.jit, compiler_options=fast_compile_options())
+    @functools.partial(jax.jit, compiler_options=fast_compile_options(runs_once=True))
     def init(keys, hparams: HParams | None = None) -> Loop:
         hp = config.hparams() if hparams is None else hparams
         init_one = functools.partial(init_runner_state, config, env, env_params, spec, agent)

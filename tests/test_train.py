@@ -136,3 +136,20 @@ def test_sgd_step_is_the_clipped_gradient_times_the_learning_rate(max_grad_norm)
     for before, after, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), flat):
         np.testing.assert_allclose(np.asarray(after), np.asarray(before) - 0.1 * scale * g,
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_init_compiled_without_fusion_emitters_gives_the_same_state_bitwise():
+    """make_runner compiles init with XLA:CPU's fusion emitters off (it runs once, and
+    compiles faster so); the state must be the one the emitters' program makes."""
+    config = tiny_config(num_seeds=2, hidden_sizes=(64, 64))
+    env, env_params, spec, agent = P.make_setup(config)
+    keys = P.seed_keys(config)
+    init_one = lambda key: P.init_runner_state(config, env, env_params, spec, agent,
+                                               config.hparams(), key)
+    options = {"xla_cpu_use_fusion_emitters": True} if jax.default_backend() == "cpu" else None
+    reference = jax.jit(jax.vmap(init_one)).lower(keys).compile(options)(keys)
+    state = P.make_runner(config).init(keys).runner
+    # runner.init also makes every dtype strong: compare the values, leaf by leaf
+    for want, got in zip(jax.tree.leaves(P.keys_to_data(reference)),
+                         jax.tree.leaves(P.keys_to_data(state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
