@@ -1201,8 +1201,8 @@ def fast_compile_options(runs_once: bool = False) -> dict | None:
 
     runs_once (init): also turn off XLA:CPU's MLIR fusion emitters. Measured on the CartPole
     preset's init, 4 fresh processes each: 3.25 -> 2.77 s to compile, peak RSS 405 -> 315 MB,
-    and the same initial state, bitwise. `run` keeps them: without, it trains about half as
-    fast."""
+    and the same initial state, bitwise. `run` keeps them: without, the CartPole preset
+    trained at 42-49k steps/s against 88-90k."""
     if jax.default_backend() != "cpu":
         return None
     preset = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
@@ -1314,8 +1314,8 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
                            + [jnp.isfinite(metrics["actor_param_norm"]).all()
                               & jnp.isfinite(metrics["critic_param_norm"]).all()])
         ok = finite.all()
-        # A non-finite update is not kept: the loop ends on the last good state. (One branch,
-        # not a select per leaf: 27 fewer kernels to compile.)
+        # A non-finite update is not kept: the loop ends on the last good state. One branch,
+        # not a select per leaf: 24 fewer fusions to compile in the CartPole preset's run.
         runner = jax.lax.cond(ok, lambda: runner, lambda: loop.runner)
         loop = loop.replace(
             runner=runner,

@@ -210,25 +210,27 @@ def compare(revision: str = "HEAD", rounds: int = 8) -> None:
     if source.returncode != 0:
         sys.exit(f"error: cannot read ppo_jax.py at {revision!r} ({source.stderr.strip()}); "
                  "give a commit, tag or branch of this repository")
-    modules = {}
+    def load(module_name: str, path: str):
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
     with tempfile.TemporaryDirectory() as folder:
-        for name, path in ((revision, os.path.join(folder, "ppo_jax_then.py")),
-                           ("working tree", os.path.join(ROOT, "ppo_jax.py"))):
-            if name == revision:
-                with open(path, "w") as f:
-                    f.write(source.stdout)
-            spec = importlib.util.spec_from_file_location(f"ppo_jax_{len(modules)}", path)
-            modules[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(modules[name])
+        then = os.path.join(folder, "ppo_jax_then.py")
+        with open(then, "w") as f:
+            f.write(source.stdout)
+        modules = {revision: load("ppo_jax_then", then),
+                   "working tree": load("ppo_jax_now", os.path.join(ROOT, "ppo_jax.py"))}
     programs = {}
     for name, P in modules.items():
         config = P.Config()
         runner = P.make_runner(config, on_report=P.Progress(config, show=False))
-        programs[name] = (runner, runner.init(P.seed_keys(config)))
-    steps = config.num_updates * config.batch_size
+        steps = config.num_updates * config.batch_size
+        programs[name] = (runner, runner.init(P.seed_keys(config)), steps)
     results = {name: {"compile wall": [], "compile CPU": [], "steps/s": []} for name in modules}
     for _ in range(rounds):
-        for name, (runner, loop) in programs.items():
+        for name, (runner, loop, steps) in programs.items():
             jax.clear_caches()  # compile afresh, not from the in-memory cache
             lowered = runner.run.lower(loop)
             wall, cpu = time.perf_counter(), time.process_time()

@@ -12,11 +12,13 @@ from helpers import tiny_config
 NEEDS_NETWORK = {"MNISTBandit-bsuite"}
 
 
-# The five presets and one env of each other family (image observations through the CNN,
-# bsuite, misc) run in the default suite; the rest of the 25 only with --slow: an update
-# compiles in 4 to 18 s, and the others add no code path these do not take.
+# The default suite runs the five presets and one env of each other kind of observation and
+# action: images through the CNN (Breakout), 2-D observations (Catch), a scalar observation
+# (FrozenLake), 2-D continuous actions with float32 bounds (Reacher). The other 17, each of
+# one of those kinds, run with --slow: an update compiles in 4 to 18 s.
 DEFAULT_SUITE = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1",
-                 "MountainCarContinuous-v0", "Breakout-MinAtar", "Catch-bsuite", "FourRooms-misc"}
+                 "MountainCarContinuous-v0", "Breakout-MinAtar", "Catch-bsuite",
+                 "FrozenLake-misc", "Reacher-misc"}
 ENVS = [env if env in DEFAULT_SUITE else pytest.param(env, marks=pytest.mark.slow)
         for env in sorted(set(gymnax.registered_envs) - NEEDS_NETWORK)]
 
