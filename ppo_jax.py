@@ -1510,7 +1510,7 @@ def render_episode(config: Config, loop: Loop, path: str, seed: int = 0, key=Non
     return float(rewards[:length].sum())
 
 
-# ── Diagnostics / IO ──────────────────────────────────────────────────────────────────────
+# ── Progress, outputs and checkpoints ─────────────────────────────────────────────────────
 
 
 class Progress:
