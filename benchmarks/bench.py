@@ -7,6 +7,7 @@
     python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
     python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
     python benchmarks/bench.py diagnostics  # the cost of --diagnostics at the standard config
+    python benchmarks/bench.py reference    # ppo_jax against reference_ppo.py, interleaved
     python benchmarks/bench.py all          # each of the above
     python benchmarks/bench.py compare REV  # this tree against git revision REV (default
                                             # HEAD), interleaved in one process
@@ -31,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def machine() -> str:
@@ -197,6 +199,52 @@ def gymnasium_scores(episodes: int = 20) -> None:
                       f"{np.std(returns):.1f} over {episodes} episodes")
 
 
+def reference(rounds: int = 4) -> None:
+    """ppo_jax against benchmarks/reference_ppo.py (PPO written the common single-function
+    way) on this machine, interleaved, so the bars can be read off any machine as ratios:
+    they are 8 s cold against that loop's ~10 s (0.8x) and 200k steps/s against its ~150k
+    (1.33x), both on the 2-core CPU machine they were set on."""
+    import jax
+
+    import ppo_jax as P
+    import reference_ppo as R
+
+    script = os.path.join(ROOT, "benchmarks", "reference_ppo.py")
+    walls = {"reference_ppo.py": [], "ppo_jax.py": []}
+    for _ in range(rounds):
+        for name in walls:
+            with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+                env = {**os.environ, "XDG_CACHE_HOME": cache}
+                args = [script] if name == "reference_ppo.py" else [
+                    os.path.join(ROOT, "ppo_jax.py"), "--out", os.path.join(out, "run")]
+                start = time.perf_counter()
+                subprocess.run([sys.executable, *args], check=True, capture_output=True,
+                               env=env, cwd=ROOT)
+                walls[name].append(time.perf_counter() - start)
+    ref, ours = (statistics.median(walls[k]) for k in walls)
+    print(f"cold, whole process (median of {rounds}, interleaved): reference_ppo.py {ref:.1f} s, "
+          f"python ppo_jax.py {ours:.1f} s: ratio {ours / ref:.2f} (bar: 8 s / 10 s = 0.80)")
+
+    train, ref_steps = R.make_train(R.CONFIG)
+    ref_program = jax.jit(train).lower(jax.random.key(0)).compile()
+    config = P.Config()
+    runner = P.make_runner(config)
+    loop = runner.init(P.seed_keys(config))
+    ours_program = runner.run.lower(loop).compile()
+    programs = {"reference_ppo.py": (lambda: ref_program(jax.random.key(0)), ref_steps),
+                "ppo_jax": (lambda: ours_program(loop), config.num_updates * config.batch_size)}
+    rates = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, (fn, steps) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            rates[name].append(steps / (time.perf_counter() - start))
+    ref, ours = (statistics.median(rates[k]) for k in rates)
+    print(f"standard config, training only (median of {rounds}, interleaved): reference "
+          f"{ref:,.0f} steps/s, ppo_jax {ours:,.0f} steps/s: ratio {ours / ref:.2f} "
+          f"(bar: 200k / 150k = 1.33)")
+
+
 def compare(revision: str = "HEAD", rounds: int = 8) -> None:
     """This working tree's ppo_jax.py against the one at a git revision, in one process and
     interleaved, so that the machine's drift hits both alike: the standard config's `run`
@@ -248,7 +296,8 @@ def compare(revision: str = "HEAD", rounds: int = 8) -> None:
 
 
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
-              "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost}
+              "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost,
+              "reference": reference}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]
