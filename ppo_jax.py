@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import gc
 import importlib
 import importlib.util
 import itertools
@@ -2133,4 +2134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The imported modules live as long as the process. Frozen, they are no longer re-scanned
+    # by each full garbage collection that tracing triggers: `python ppo_jax.py --quiet`
+    # spent 0.58 and 0.64 s collecting garbage, 0.51 and 0.39 s with this. (Only here: frozen
+    # objects are never freed, so a process calling main() again and again must not freeze.)
+    gc.freeze()
     sys.exit(main())
