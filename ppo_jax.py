@@ -149,6 +149,10 @@ class Config:
     """No live progress bar."""
     compile_cache: bool = True
     """Keep compiled programs in ~/.cache/ppo_jax so a second identical run skips compiling."""
+    cpu_threads: int = 0
+    """Threads XLA:CPU runs a program's kernels on (0: one per core). On 2 cores, 1 trained the
+    standard config 12-27 % faster and large batches (Breakout-MinAtar) 37 % slower. Another
+    count changed a Breakout-MinAtar run's outputs: keep it to resume bitwise."""
 
     @property
     def batch_size(self) -> int:
@@ -293,6 +297,8 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"eval_every must be >= 0 (0 never evaluates), got {config.eval_every}")
     if config.save_every < 0:
         raise ConfigError(f"save_every must be >= 0 (0 saves only at the end), got {config.save_every}")
+    if config.cpu_threads < 0:
+        raise ConfigError(f"cpu_threads must be >= 0 (0 is one per core), got {config.cpu_threads}")
     if config.target_kl is not None and not config.target_kl > 0:
         raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
 
@@ -1769,7 +1775,8 @@ def final_returns(metrics: dict) -> np.ndarray:
 CHECKPOINT = "checkpoint.msgpack"
 CHECKPOINT_FORMAT = 2  # 2: RunnerState gained the diagnostics probe batch
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
-RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
+RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume",
+               "cpu_threads")
 
 
 class CheckpointError(ConfigError):
@@ -1909,7 +1916,7 @@ def parse_config(argv: list[str]) -> Config:
         if changed:
             raise ConfigError(f"--resume continues {resume} with its own settings; drop "
                               f"--{changed[0].replace('_', '-')} (only --quiet, --save-every, "
-                              "--tensorboard and --compile-cache may change)")
+                              "--tensorboard, --compile-cache and --cpu-threads may change)")
     return config
 
 
@@ -1956,6 +1963,12 @@ def create_out_dir(config: Config) -> str:
         raise ConfigError(f"cannot write to --out {out} ({error.strerror}); "
                           "pick a folder you can write to") from None
     return out
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Size XLA:CPU's thread pool. JAX's CPU client reads PJRT_NPROC when it starts, at the
+    first array, so main() calls this before building anything."""
+    os.environ["PJRT_NPROC"] = str(threads)
 
 
 def enable_compile_cache() -> None:
@@ -2104,6 +2117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         validate_config(config)
+        if config.cpu_threads:
+            set_cpu_threads(config.cpu_threads)
         env, env_params = make_env(config.env)
         env_spec(env, env_params, config.action_mask)
         out = config.resume or create_out_dir(config)

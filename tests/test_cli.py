@@ -92,3 +92,28 @@ def test_help_lists_every_config_field():
     assert result.returncode == 0
     for field in P.Config.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in result.stdout
+
+
+COUNT_POOL_THREADS = """
+import os, sys
+import ppo_jax as P
+code = P.main(sys.argv[1:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("exit", code, "pool threads", names.count("tf_XLAEigen"))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2+ usable cores (one thread is the default on one), on Linux")
+@pytest.mark.parametrize("threads", [0, 1])
+def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(tmp_path, threads):
+    """--cpu-threads sets PJRT_NPROC before the first array, or JAX's CPU client would
+    already have one pool thread per core."""
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    result = subprocess.run(
+        [sys.executable, "-c", COUNT_POOL_THREADS, "--quiet", "--out", str(tmp_path / "run"),
+         "--cpu-threads", str(threads), *TINY],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = threads or len(os.sched_getaffinity(0))
+    assert f"exit 0 pool threads {expected}" in result.stdout

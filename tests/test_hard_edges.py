@@ -83,6 +83,7 @@ BAD_CLI = {
     "eval with an unknown flag": (["eval", "{run}", "--episode", "5"], "--episode"),
     "eval with a training flag": (["eval", "{run}", "--quiet"], "--quiet"),
     "negative save-every": (["--save-every", "-1"], "save_every must be >= 0"),
+    "negative cpu-threads": (["--cpu-threads", "-1"], "cpu_threads must be >= 0"),
     "negative eval-every": (["--eval-every", "-2"], "eval_every must be >= 0"),
     "zero eval episodes": (["--eval-episodes", "0"], "eval_episodes must be positive"),
     "zero target kl": (["--target-kl", "0"], "target_kl must be positive"),
