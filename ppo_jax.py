@@ -150,8 +150,8 @@ class Config:
     compile_cache: bool = True
     """Keep compiled programs in ~/.cache/ppo_jax so a second identical run skips compiling."""
     cpu_threads: int = 0
-    """Threads XLA:CPU runs a program's kernels on (0: one per core). On 2 cores, 1 trained the
-    standard config 12-27 % faster and large batches (Breakout-MinAtar) 37 % slower. Another
+    """Threads XLA:CPU trains on (0: JAX's default, one per core unless PJRT_NPROC is set). On 2
+    cores, 1 trained the standard config 12-27 % faster, Breakout-MinAtar 37 % slower. Another
     count changed a Breakout-MinAtar run's outputs: keep it to resume bitwise."""
 
     @property
@@ -1968,6 +1968,11 @@ def create_out_dir(config: Config) -> str:
 def set_cpu_threads(threads: int) -> None:
     """Size XLA:CPU's thread pool. JAX's CPU client reads PJRT_NPROC when it starts, at the
     first array, so main() calls this before building anything."""
+    from jax._src import xla_bridge  # JAX has no public "has the CPU client started?"
+
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        raise ConfigError("--cpu-threads works only before this process first uses JAX; set "
+                          f"PJRT_NPROC={threads} in the environment before starting Python")
     os.environ["PJRT_NPROC"] = str(threads)
 
 
@@ -2149,9 +2154,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The imported modules live as long as the process. Frozen, they are no longer re-scanned
-    # by each full garbage collection that tracing triggers: `python ppo_jax.py --quiet`
-    # spent 0.58 and 0.64 s collecting garbage, 0.51 and 0.39 s with this. (Only here: frozen
-    # objects are never freed, so a process calling main() again and again must not freeze.)
+    # What ppo_jax's imports made lives as long as the process (gymnax, tyro and matplotlib
+    # load later, inside main). Frozen, it is no longer re-scanned by each full garbage
+    # collection that tracing triggers: `python ppo_jax.py --quiet` spent 0.58 and 0.64 s
+    # collecting garbage, 0.51 and 0.39 s with this. (Only here: frozen objects are never
+    # freed, so a process calling main() again and again must not freeze.)
     gc.freeze()
     sys.exit(main())

@@ -1,6 +1,7 @@
 """A yardstick for the speed bars: PPO written the common single-function way (one jitted
-train, a scan over updates, a shared ActorCritic module, flax's QR orthogonal init, metrics
-kept for every step, no host callbacks), at the issue's standard config.
+train, a scan over updates, one ActorCritic module with two towers, flax's QR orthogonal
+init, metrics kept for every step, no host callbacks), at ppo_jax's standard config
+(Config's defaults).
 
 ppo_jax's speed bars were set beside what such a loop does on a 2-core CPU machine (about
 10 s cold, about 150k steps/s). Machines differ, so `bench.py reference` runs this file and

@@ -109,7 +109,7 @@ print("exit", code, "pool threads", names.count("tf_XLAEigen"))
 def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(tmp_path, threads):
     """--cpu-threads sets PJRT_NPROC before the first array, or JAX's CPU client would
     already have one pool thread per core."""
-    env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
     result = subprocess.run(
         [sys.executable, "-c", COUNT_POOL_THREADS, "--quiet", "--out", str(tmp_path / "run"),
          "--cpu-threads", str(threads), *TINY],
@@ -117,3 +117,13 @@ def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(tmp_path, threads):
     assert result.returncode == 0, result.stderr[-3000:]
     expected = threads or len(os.sched_getaffinity(0))
     assert f"exit 0 pool threads {expected}" in result.stdout
+
+
+def test_cpu_threads_refused_once_jax_has_started(tmp_path, capsys):
+    """In a process that already used JAX (this one, a notebook) the flag could not take
+    effect: one line says so, and names the environment variable instead."""
+    P.make_key(0)  # JAX's CPU client is up
+    code = P.main(["--quiet", "--out", str(tmp_path / "run"), "--cpu-threads", "1", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "PJRT_NPROC=1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
