@@ -46,10 +46,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
-def run_cli(args: list[str], cache_home: str) -> tuple[float, str]:
+def run_cli(args: list[str], cache_home: str, script: str = "ppo_jax.py") -> tuple[float, str]:
+    """Run a script of this repository in a fresh process: (wall seconds, its stdout)."""
     env = {**os.environ, "XDG_CACHE_HOME": cache_home}
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_jax.py"), *args],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
@@ -93,10 +94,24 @@ def throughput(repeats: int = 5) -> None:
           f"steps/s median, {steps / min(times):,.0f} best of {repeats}")
 
 
+def turn_about(programs: dict, rounds: int) -> dict:
+    """Time each of {name: fn} once per round, in turn, so the machine's drift hits all of
+    them alike. Returns {name: [seconds per round]}."""
+    import jax
+
+    times = {name: [] for name in programs}
+    for _ in range(rounds):
+        for name, fn in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def diagnostics_cost(repeats: int = 5) -> None:
     """The standard config with --diagnostics on and off, timed alternately in one process
     (this machine's speed drifts), compile excluded."""
-    import jax
+    import functools
 
     import ppo_jax as P
 
@@ -104,13 +119,8 @@ def diagnostics_cost(repeats: int = 5) -> None:
     for on in (True, False):
         runner = P.make_runner(P.Config(diagnostics=on))
         loop = runner.init(P.seed_keys(P.Config()))
-        programs[on] = (runner.run.lower(loop).compile(), loop)
-    times = {True: [], False: []}
-    for _ in range(repeats):
-        for on, (compiled, loop) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(loop))
-            times[on].append(time.perf_counter() - start)
+        programs[on] = functools.partial(runner.run.lower(loop).compile(), loop)
+    times = turn_about(programs, repeats)
     steps = P.Config().num_updates * P.Config().batch_size
     on, off = (statistics.median(times[k]) for k in (True, False))
     print(f"standard config: diagnostics on {steps / on:,.0f} steps/s, off {steps / off:,.0f} "
@@ -212,26 +222,24 @@ def reference(rounds: int = 4) -> None:
     import ppo_jax as P
     import reference_ppo as R
 
-    script = os.path.join(ROOT, "benchmarks", "reference_ppo.py")
+    def cold_run(name: str) -> tuple[float, float]:
+        """(wall seconds, final return) of one fresh process with an empty compile cache."""
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+            if name == "reference_ppo.py":
+                elapsed, stdout = run_cli([], cache, os.path.join("benchmarks", name))
+                found = re.search(r"final return ([\d.-]+)", stdout)
+            else:
+                elapsed, stdout = run_cli(["--out", os.path.join(out, "run")], cache)
+                found = re.search(r"final return per seed: ([\d.-]+)", stdout)
+        return elapsed, float(found.group(1))
+
     walls = {"reference_ppo.py": [], "ppo_jax.py": []}
     returns = {name: [] for name in walls}
     for _ in range(rounds):
         for name in walls:
-            with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
-                if name == "reference_ppo.py":
-                    env = {**os.environ, "XDG_CACHE_HOME": cache}
-                    start = time.perf_counter()
-                    result = subprocess.run([sys.executable, script], capture_output=True,
-                                            text=True, env=env, cwd=ROOT)
-                    elapsed = time.perf_counter() - start
-                    if result.returncode != 0:
-                        raise RuntimeError(result.stderr[-2000:])
-                    found = re.search(r"final return ([\d.-]+)", result.stdout)
-                else:
-                    elapsed, stdout = run_cli(["--out", os.path.join(out, "run")], cache)
-                    found = re.search(r"final return per seed: ([\d.-]+)", stdout)
-                walls[name].append(elapsed)
-                returns[name].append(float(found.group(1)))
+            elapsed, final_return = cold_run(name)
+            walls[name].append(elapsed)
+            returns[name].append(final_return)
     ref, ours = (statistics.median(walls[k]) for k in walls)
     print(f"cold, whole process (median of {rounds}, interleaved): reference_ppo.py {ref:.1f} s "
           f"(final return {min(returns['reference_ppo.py']):.1f} or more), python ppo_jax.py "
@@ -244,15 +252,10 @@ def reference(rounds: int = 4) -> None:
     runner = P.make_runner(config)
     loop = runner.init(P.seed_keys(config))
     ours_program = runner.run.lower(loop).compile()
-    programs = {"reference_ppo.py": (lambda: ref_program(jax.random.key(0)), ref_steps),
-                "ppo_jax": (lambda: ours_program(loop), config.num_updates * config.batch_size)}
-    rates = {name: [] for name in programs}
-    for _ in range(rounds):
-        for name, (fn, steps) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            rates[name].append(steps / (time.perf_counter() - start))
-    ref, ours = (statistics.median(rates[k]) for k in rates)
+    times = turn_about({"reference": lambda: ref_program(jax.random.key(0)),
+                        "ppo_jax": lambda: ours_program(loop)}, rounds)
+    ref = ref_steps / statistics.median(times["reference"])
+    ours = config.num_updates * config.batch_size / statistics.median(times["ppo_jax"])
     print(f"standard config, training only (median of {rounds}, interleaved): reference "
           f"{ref:,.0f} steps/s, ppo_jax {ours:,.0f} steps/s: ratio {ours / ref:.2f} "
           f"(bar: 200k / 150k = 1.33)")

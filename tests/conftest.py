@@ -8,7 +8,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # fast-compile preset on, the suite took 826 s instead of 1118 s. The programs compute the
 # same algorithm (the tests check numbers against NumPy with tolerances, and bitwise
 # comparisons are between programs compiled alike, except the one that compares the two
-# ways of compiling init); they train about half as fast, which costs these tiny runs little. Set before JAX starts its backend, so that test subprocesses (the CLI, the
+# ways of compiling init); they train about half as fast, which costs these tiny runs
+# little. Set before JAX starts its backend, so that test subprocesses (the CLI, the
 # notebooks' kernels) inherit it.
 # PPO_JAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's own defaults, as users compile.
 if not os.environ.get("PPO_JAX_TEST_XLA_DEFAULTS"):
