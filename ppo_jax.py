@@ -298,7 +298,7 @@ def validate_config(config: Config) -> None:
     if config.save_every < 0:
         raise ConfigError(f"save_every must be >= 0 (0 saves only at the end), got {config.save_every}")
     if config.cpu_threads < 0:
-        raise ConfigError(f"cpu_threads must be >= 0 (0 is one per core), got {config.cpu_threads}")
+        raise ConfigError(f"cpu_threads must be >= 0 (0 keeps JAX's default), got {config.cpu_threads}")
     if config.target_kl is not None and not config.target_kl > 0:
         raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
 
