@@ -1198,8 +1198,15 @@ def make_key(seed: int):
 def seed_keys(config: Config):
     """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
     keys, so settings are compared on the same seeds."""
-    keys = jax.random.split(make_key(config.seed), config.num_seeds)
-    return keys[np.arange(config.num_runs) % config.num_seeds]
+    return split_seed(config.seed, config.num_seeds, config.num_runs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def split_seed(seed: int, num_seeds: int, num_runs: int):
+    """seed_keys as one program: op by op, its nine small programs took 0.5 s to compile at
+    every start, this one 0.18 s (the same keys)."""
+    keys = jax.random.split(make_key(seed), num_seeds)
+    return keys[np.arange(num_runs) % num_seeds]
 
 
 def fast_compile_options(runs_once: bool = False) -> dict | None:
@@ -1233,7 +1240,7 @@ class Loop(struct.PyTreeNode):
 
     @property
     def updates_done(self) -> int:
-        return int(self.runner.update[0])
+        return int(np.asarray(self.runner.update)[0])  # on the host: no program to compile
 
     def metrics(self) -> dict:
         """{metric: [S, updates done]} as NumPy arrays."""
@@ -1259,7 +1266,8 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
       on_report(updates_done, episode_return [S]) -> (next update to report at, stop?)
         lets the host show progress a few times a second and ask the loop to stop (Ctrl-C);
       on_checkpoint(loop) every config.save_every updates.
-    With neither, the program has no host call, and JAX's persistent cache can keep it.
+    With neither, the program has no host call, and JAX's persistent cache can keep it; with
+    either, cache_programs_with_host_calls lets it.
     """
     validate_config(config)
     env, env_params, spec, agent = make_setup(config)
@@ -1976,18 +1984,73 @@ def set_cpu_threads(threads: int) -> None:
     os.environ["PJRT_NPROC"] = str(threads)
 
 
+CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
+
+
 def enable_compile_cache() -> None:
     """Keep compiled programs on disk: a second identical run loads instead of compiling."""
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                          "ppo_jax")
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    cache_programs_with_host_calls()
+
+
+def cache_programs_with_host_calls() -> None:
+    """Let the persistent cache also keep programs that call the host through io_callback,
+    as the default run's `run` does for its progress bar: it recompiled every time.
+
+    JAX refuses to store such a program, from when a callback was a pointer baked into the
+    program. Since then, on CPU, a program names each callback by its index in a list that
+    is handed over when the executable is loaded, so a stored one loads back with this
+    process's callbacks. The entry's key is JAX's own key of the program (its text, indices
+    included; jaxlib version; XLA flags; compile options; devices), plus a suffix. JAX has
+    no public hook for this: where its internals differ from jax 0.10's, or off CPU (GPUs
+    were not tried), such programs are compiled every time, as JAX does."""
+    from jax._src import compilation_cache as cache, compiler
+
+    jax_compile = compiler.compile_or_get_cached
+    needed = ("is_cache_used", "get_cache_key", "_get_cache", "decompress_executable",
+              "extract_executable_and_time", "put_executable_and_time")
+    if getattr(jax_compile, "keeps_host_calls", False) or not all(
+            hasattr(cache, name) for name in needed):
+        return
+
+    def compile_or_load(backend, module, devices, options, host_callbacks, executable_devices,
+                        *rest):
+        compile = lambda: jax_compile(backend, module, devices, options, host_callbacks,
+                                      executable_devices, *rest)
+        if not host_callbacks or backend.platform != "cpu" or not cache.is_cache_used(backend):
+            return compile()
+        key = cache.get_cache_key(module, devices, options, backend) + "-host-calls"
+        try:
+            entry = cache._get_cache(backend).get(key)
+            if entry is not None:
+                executable, _ = cache.extract_executable_and_time(
+                    cache.decompress_executable(entry))
+                return backend.deserialize_executable(executable, executable_devices, options,
+                                                      host_callbacks=host_callbacks)
+        except Exception as error:  # an unreadable entry: compile, and write it again
+            warnings.warn(f"compiling again: cache entry {key} unreadable ({error})")
+        start = time.perf_counter()
+        executable = compile()
+        seconds = time.perf_counter() - start
+        if seconds >= CACHE_MIN_COMPILE_SECONDS:
+            try:
+                cache.put_executable_and_time(key, key.split("-")[0], executable, backend,
+                                              int(seconds))
+            except Exception as error:  # as JAX does: a cache that cannot be written
+                warnings.warn(f"cache entry {key} not written ({error})")
+        return executable
+
+    compile_or_load.keeps_host_calls = True
+    compiler.compile_or_get_cached = compile_or_load
 
 
 def train_and_save(config: Config, out: str, start: float) -> int:
     """Compile, train with live progress, write every output, print the summary. Returns
     the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
-    # With neither a bar nor checkpoints to write, the program has no host call (cacheable).
+    # With neither a bar nor checkpoints to write, the program has no host call.
     progress = Progress(config, show=not config.quiet) if not config.quiet or config.save_every else None
     tensorboard = None
 

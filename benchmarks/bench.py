@@ -60,7 +60,7 @@ def run_cli(args: list[str], cache_home: str, script: str = "ppo_jax.py") -> tup
 
 def cold() -> None:
     """The default run, as a newcomer types it: first with an empty compilation cache, then
-    again. Also with --quiet, whose program has no host callback and so can be cached."""
+    again. Also with --quiet, whose program has no host callback."""
     for extra in ([], ["--quiet"]):
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
             for attempt in ("cold", "second"):
