@@ -2023,19 +2023,21 @@ def cache_programs_with_host_calls() -> None:
         if not host_callbacks or backend.platform != "cpu" or not cache.is_cache_used(backend):
             return compile()
         key = cache.get_cache_key(module, devices, options, backend) + "-host-calls"
+        store = None  # None too for a cache folder JAX could not use (it says why)
         try:
-            entry = cache._get_cache(backend).get(key)
+            store = cache._get_cache(backend)
+            entry = None if store is None else store.get(key)
             if entry is not None:
                 executable, _ = cache.extract_executable_and_time(
                     cache.decompress_executable(entry))
                 return backend.deserialize_executable(executable, executable_devices, options,
                                                       host_callbacks=host_callbacks)
         except Exception as error:  # an unreadable entry: compile, and write it again
-            warnings.warn(f"compiling again: cache entry {key} unreadable ({error})")
+            warnings.warn(f"compiling {key} again: its cache entry is unreadable ({error})")
         start = time.perf_counter()
         executable = compile()
         seconds = time.perf_counter() - start
-        if seconds >= CACHE_MIN_COMPILE_SECONDS:
+        if store is not None and seconds >= CACHE_MIN_COMPILE_SECONDS:
             try:
                 cache.put_executable_and_time(key, key.split("-")[0], executable, backend,
                                               int(seconds))

@@ -68,3 +68,8 @@ def test_an_unreadable_entry_is_compiled_again(tmp_path):
             (tmp_path / "ppo_jax" / name).write_bytes(b"not an executable")
     again = train_once(tmp_path)
     assert "jit_run" in again["compiled"] and again["done"] == 3
+
+
+def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
+    result = train_once("/proc/ppo_jax_no_such_cache")
+    assert "jit_run" in result["compiled"] and result["done"] == 3
