@@ -2151,10 +2151,15 @@ def eval_main(argv: list[str]) -> int:
     config, loop = load_run(args.run_dir)
     if args.render:
         check_renderable(config.env)
+    if config.compile_cache:  # as the run was trained: evaluating it again skips compiling
+        enable_compile_cache()
     setup = make_setup(config)
-    keys = jax.random.split(make_key(args.seed), config.num_runs)
-    results = jax.device_get(jax.jit(lambda runner, keys: evaluate_runs(
-        setup, runner, keys, args.episodes))(loop.runner, keys))
+    keys = split_seed(args.seed, config.num_runs, config.num_runs)
+    @jax.jit
+    def evaluate_all(runner, keys):
+        return evaluate_runs(setup, runner, keys, args.episodes)
+
+    results = jax.device_get(evaluate_all(loop.runner, keys))
     report = {"env": config.env, "episodes": args.episodes, "updates": loop.updates_done,
               "seeds": []}
     print(f"{config.env} after {loop.updates_done * config.batch_size:,} steps, "

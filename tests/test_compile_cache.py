@@ -73,3 +73,22 @@ def test_an_unreadable_entry_is_compiled_again(tmp_path):
 def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
     result = train_once("/proc/ppo_jax_no_such_cache")
     assert "jit_run" in result["compiled"] and result["done"] == 3
+
+
+def test_eval_of_a_cached_run_compiles_once(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cli = lambda *args: subprocess.run([sys.executable, str(ROOT / "ppo_jax.py"), *args],
+                                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                                       env=env)
+    run = tmp_path / "run"
+    trained = cli("--total-timesteps", "256", "--num-envs", "4", "--num-steps", "8",
+                  "--hidden-sizes", "16", "16", "--quiet", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    before = set(os.listdir(tmp_path / "cache" / "ppo_jax"))
+    first = cli("eval", str(run), "--episodes", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    written = set(os.listdir(tmp_path / "cache" / "ppo_jax")) - before
+    assert any(name.startswith("jit_evaluate_all") for name in written), written
+    second = cli("eval", str(run), "--episodes", "3")
+    assert second.stdout == first.stdout
+    assert set(os.listdir(tmp_path / "cache" / "ppo_jax")) == before | written
