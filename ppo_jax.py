@@ -2000,13 +2000,14 @@ def cache_programs_with_host_calls() -> None:
     """Let the persistent cache also keep programs that call the host through io_callback,
     as the default run's `run` does for its progress bar: it recompiled every time.
 
-    JAX refuses to store such a program, from when a callback was a pointer baked into the
-    program. Since then, on CPU, a program names each callback by its index in a list that
-    is handed over when the executable is loaded, so a stored one loads back with this
-    process's callbacks. The entry's key is JAX's own key of the program (its text, indices
-    included; jaxlib version; XLA flags; compile options; devices), plus a suffix. JAX has
-    no public hook for this: where its internals differ from jax 0.10's, or off CPU (GPUs
-    were not tried), such programs are compiled every time, as JAX does."""
+    JAX never stores such a program ("host callbacks are baked into the HLO module"). On CPU
+    in jax 0.10, though, the program names each callback only by its index in a list that
+    is handed over when the executable is loaded, and the loader takes a new list: so a
+    stored program loads back with this process's callbacks (tests/test_compile_cache.py).
+    The entry's key is JAX's own key of the program (its text, indices included; jaxlib
+    version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
+    for this: where its internals differ from jax 0.10's, or off CPU (GPUs were not tried),
+    such programs are compiled every time, as JAX does."""
     from jax._src import compilation_cache as cache, compiler
 
     jax_compile = compiler.compile_or_get_cached
