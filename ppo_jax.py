@@ -2034,7 +2034,7 @@ def cache_programs_with_host_calls() -> None:
                 return backend.deserialize_executable(executable, executable_devices, options,
                                                       host_callbacks=host_callbacks)
         except Exception as error:  # an unreadable entry: compile, and write it again
-            warnings.warn(f"compiling {key} again: its cache entry is unreadable ({error})")
+            warnings.warn(f"compiling {key}: the cache could not be read ({error})")
         start = time.perf_counter()
         executable = compile()
         seconds = time.perf_counter() - start

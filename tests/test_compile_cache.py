@@ -1,5 +1,6 @@
 """The persistent compilation cache keeps programs with host calls: a second process loads
-the training loop, progress callback included, instead of compiling it."""
+the training loop, progress callback included, instead of compiling it; and `eval` of a
+run that used the cache keeps its program there too."""
 
 import json
 import os
@@ -7,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 # One process: build the loop with a progress callback that asks to stop after update 3,
-# train, and say which programs XLA compiled and what the callback saw.
+# train, save the run's folder (for eval), and say which programs XLA compiled and what the
+# callback saw.
 TRAIN_ONCE = """
-import json, sys
+import json, os, sys
 import numpy as np
 from jax._src import compiler
 import ppo_jax as P
@@ -32,63 +36,79 @@ def on_report(done, episode_return):
     reports.append(int(done))
     return np.int32(int(done) + 1), np.bool_(int(done) >= 3)
 
-config = tiny_config()
+config, out = tiny_config(), sys.argv[1]
 runner = P.make_runner(config, on_report=on_report)
 loop = runner.run(runner.init(P.seed_keys(config)))
+os.makedirs(out, exist_ok=True)
+P.write_atomic(os.path.join(out, "config.json"), P.config_json(config))
+P.save_checkpoint(config, out, loop)
 print(json.dumps({"compiled": compiled, "reports": reports, "done": loop.updates_done,
                   "value_loss": loop.metrics()["value_loss"].tolist()}))
 """
 
 
-def train_once(cache_home):
+def run_python(args, cache_home):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
-    result = subprocess.run([sys.executable, "-c", TRAIN_ONCE], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                             timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout
 
 
-def test_a_second_process_loads_the_loop_and_calls_its_own_callback(tmp_path):
-    first = train_once(tmp_path)
+def train_once(cache_home, out):
+    return json.loads(run_python(["-c", TRAIN_ONCE, str(out)], cache_home).splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """A first process on an empty cache, and the cache it leaves."""
+    folder = tmp_path_factory.mktemp("cache")
+    run = train_once(folder / "home", folder / "run")
+    return dict(run, home=folder / "home", cache=folder / "home" / "ppo_jax", out=folder / "run")
+
+
+def test_a_second_process_loads_the_loop_and_calls_its_own_callback(first, tmp_path):
     assert "jit_run" in first["compiled"]
-    entries = os.listdir(tmp_path / "ppo_jax")
+    entries = os.listdir(first["cache"])
     assert any(name.startswith("jit_run") and "host-calls" in name for name in entries), entries
-    second = train_once(tmp_path)
+    second = train_once(first["home"], tmp_path / "second")
     assert "jit_run" not in second["compiled"] and "jit_init" not in second["compiled"]
     # The loaded program calls this process's callback, and obeys what it returns (stop).
     assert second["reports"] == first["reports"] == [1, 2, 3]
     assert second["done"] == first["done"] == 3
     assert second["value_loss"] == first["value_loss"]
-
-
-def test_an_unreadable_entry_is_compiled_again(tmp_path):
-    train_once(tmp_path)
-    for name in os.listdir(tmp_path / "ppo_jax"):
+    # A damaged entry is compiled again, and written again.
+    for name in os.listdir(first["cache"]):
         if "host-calls" in name:
-            (tmp_path / "ppo_jax" / name).write_bytes(b"not an executable")
-    again = train_once(tmp_path)
-    assert "jit_run" in again["compiled"] and again["done"] == 3
+            (first["cache"] / name).write_bytes(b"not an executable")
+    again = train_once(first["home"], tmp_path / "again")
+    assert "jit_run" in again["compiled"] and again["value_loss"] == first["value_loss"]
+
+
+def test_eval_of_a_run_that_used_the_cache_keeps_its_program_there(first):
+    """(A later eval then loads it, as JAX's own cache does for any program without host
+    calls.)"""
+    before = set(os.listdir(first["cache"]))
+    run_python([str(ROOT / "ppo_jax.py"), "eval", str(first["out"]), "--episodes", "3"],
+               first["home"])
+    written = set(os.listdir(first["cache"])) - before
+    assert any(name.startswith("jit_evaluate_all") for name in written), written
+
+
+# The first program of a process calls the host, and the cache folder cannot be made.
+CALLBACK_FIRST = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import io_callback
+import ppo_jax as P
+P.CACHE_MIN_COMPILE_SECONDS = 0.0
+P.enable_compile_cache()
+seen = []
+host = lambda v: seen.append(float(v)) or np.float32(2 * v)
+f = jax.jit(lambda x: io_callback(host, jax.ShapeDtypeStruct((), jnp.float32), x) + 1)
+print(float(f(jnp.float32(3))), seen)
+"""
 
 
 def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
-    result = train_once("/proc/ppo_jax_no_such_cache")
-    assert "jit_run" in result["compiled"] and result["done"] == 3
-
-
-def test_eval_of_a_cached_run_compiles_once(tmp_path):
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    cli = lambda *args: subprocess.run([sys.executable, str(ROOT / "ppo_jax.py"), *args],
-                                       capture_output=True, text=True, timeout=600, cwd=ROOT,
-                                       env=env)
-    run = tmp_path / "run"
-    trained = cli("--total-timesteps", "256", "--num-envs", "4", "--num-steps", "8",
-                  "--hidden-sizes", "16", "16", "--quiet", "--out", str(run))
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    before = set(os.listdir(tmp_path / "cache" / "ppo_jax"))
-    first = cli("eval", str(run), "--episodes", "3")
-    assert first.returncode == 0, first.stderr[-3000:]
-    written = set(os.listdir(tmp_path / "cache" / "ppo_jax")) - before
-    assert any(name.startswith("jit_evaluate_all") for name in written), written
-    second = cli("eval", str(run), "--episodes", "3")
-    assert second.stdout == first.stdout
-    assert set(os.listdir(tmp_path / "cache" / "ppo_jax")) == before | written
+    printed = run_python(["-c", CALLBACK_FIRST], "/proc/ppo_jax_no_such_cache")
+    assert printed.splitlines()[-1] == "7.0 [3.0]"
