@@ -2000,10 +2000,10 @@ def cache_programs_with_host_calls() -> None:
     """Let the persistent cache also keep programs that call the host through io_callback,
     as the default run's `run` does for its progress bar: it recompiled every time.
 
-    JAX never stores such a program ("host callbacks are baked into the HLO module"). On CPU
-    in jax 0.10, though, the program names each callback only by its index in a list that
-    is handed over when the executable is loaded, and the loader takes a new list: so a
-    stored program loads back with this process's callbacks (tests/test_compile_cache.py).
+    JAX never stores such a program: it counts the callbacks as part of the compiled code.
+    On CPU in jax 0.10, though, the program names each callback only by its index in a list
+    that is handed over when the executable is loaded, and the loader takes a new list: so
+    a stored program loads back with this process's callbacks (tests/test_compile_cache.py).
     The entry's key is JAX's own key of the program (its text, indices included; jaxlib
     version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
     for this: where its internals differ from jax 0.10's, or off CPU (GPUs were not tried),
@@ -2156,6 +2156,7 @@ def eval_main(argv: list[str]) -> int:
         enable_compile_cache()
     setup = make_setup(config)
     keys = split_seed(args.seed, config.num_runs, config.num_runs)
+
     @jax.jit
     def evaluate_all(runner, keys):
         return evaluate_runs(setup, runner, keys, args.episodes)
