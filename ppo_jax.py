@@ -326,17 +326,21 @@ class DeferredModule(types.ModuleType):
 
 
 def import_gymnax():
-    """gymnax, imported on first use, with seaborn deferred until something draws.
+    """gymnax, imported on first use, with seaborn and matplotlib.pyplot deferred until
+    something draws.
 
     gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
     only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
-    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Whatever
-    uses seaborn later gets the real module.
+    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Its Catch,
+    Pong and maze modules import pyplot, for the same reason: 0.55 s and 28 MB, now paid
+    only by what draws (the learning curve, at the end of a run). Whatever uses them later
+    gets the real modules.
     """
-    if "seaborn" not in sys.modules and (spec := importlib.util.find_spec("seaborn")):
-        stand_in = DeferredModule("seaborn")
-        stand_in.__spec__ = spec  # so importlib.util.find_spec("seaborn") still answers
-        sys.modules["seaborn"] = stand_in
+    for name in ("seaborn", "matplotlib.pyplot"):
+        if name not in sys.modules and (spec := importlib.util.find_spec(name)):
+            stand_in = DeferredModule(name)
+            stand_in.__spec__ = spec  # so importlib.util.find_spec(name) still answers
+            sys.modules[name] = stand_in
     import gymnax
 
     return gymnax
