@@ -319,6 +319,12 @@ class DeferredModule(types.ModuleType):
     def __dir__(self):
         return dir(self._load())
 
+    def __setattr__(self, attr, value):  # plt.show = ... (IPython's %matplotlib does this)
+        if attr.startswith("__"):
+            super().__setattr__(attr, value)
+        else:
+            setattr(self._load(), attr, value)
+
     def _load(self):
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
@@ -2010,42 +2016,46 @@ def cache_programs_with_host_calls() -> None:
     a stored program loads back with this process's callbacks (tests/test_compile_cache.py).
     The entry's key is JAX's own key of the program (its text, indices included; jaxlib
     version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
-    for this: where its internals differ from jax 0.10's, or off CPU (GPUs were not tried),
-    such programs are compiled every time, as JAX does."""
-    from jax._src import compilation_cache as cache, compiler
+    for this, so it is done only on jax 0.10 (what requirements.txt pins) and on CPU (GPUs
+    were not tried); elsewhere such programs are compiled every time, as JAX does."""
+    from jax._src import compilation_cache, compiler, lru_cache
 
     jax_compile = compiler.compile_or_get_cached
-    needed = ("is_cache_used", "get_cache_key", "_get_cache", "decompress_executable",
-              "extract_executable_and_time", "put_executable_and_time")
-    if getattr(jax_compile, "keeps_host_calls", False) or not all(
-            hasattr(cache, name) for name in needed):
+    if (not jax.__version__.startswith("0.10.") or not hasattr(lru_cache, "_CACHE_SUFFIX")
+            or getattr(jax_compile, "keeps_host_calls", False)):
         return
 
     def compile_or_load(backend, module, devices, options, host_callbacks, executable_devices,
-                        *rest):
-        compile = lambda: jax_compile(backend, module, devices, options, host_callbacks,
-                                      executable_devices, *rest)
-        if not host_callbacks or backend.platform != "cpu" or not cache.is_cache_used(backend):
-            return compile()
-        key = cache.get_cache_key(module, devices, options, backend) + "-host-calls"
-        store = None  # None too for a cache folder JAX could not use (it says why)
+                        *rest, **named):
+        compile_here = lambda: jax_compile(backend, module, devices, options, host_callbacks,
+                                           executable_devices, *rest, **named)
+        if (not host_callbacks or backend.platform != "cpu"
+                or not compilation_cache.is_cache_used(backend)):
+            return compile_here()
+        store = key = None  # store stays None for a cache folder JAX could not use
         try:
-            store = cache._get_cache(backend)
+            jax_key = compilation_cache.get_cache_key(module, devices, options, backend)
+            name, key = jax_key.rsplit("-", 1)[0], jax_key + "-host-calls"
+            store = compilation_cache._get_cache(backend)
             entry = None if store is None else store.get(key)
             if entry is not None:
-                executable, _ = cache.extract_executable_and_time(
-                    cache.decompress_executable(entry))
+                executable, _ = compilation_cache.extract_executable_and_time(
+                    compilation_cache.decompress_executable(entry))
                 return backend.deserialize_executable(executable, executable_devices, options,
                                                       host_callbacks=host_callbacks)
-        except Exception as error:  # an unreadable entry: compile, and write it again
-            warnings.warn(f"compiling {key}: the cache could not be read ({error})")
+        except Exception as error:  # e.g. a damaged entry: compile, and write it again
+            warnings.warn(f"compiling {key or 'a program'}: the cache could not be read "
+                          f"({error})")
+            with contextlib.suppress(Exception):  # the cache never replaces an entry
+                (store.path / f"{key}{lru_cache._CACHE_SUFFIX}").unlink()
         start = time.perf_counter()
-        executable = compile()
+        executable = compile_here()
         seconds = time.perf_counter() - start
-        if store is not None and seconds >= CACHE_MIN_COMPILE_SECONDS:
+        if (store is not None and key is not None and jax.process_index() == 0
+                and seconds >= jax.config.jax_persistent_cache_min_compile_time_secs):
             try:
-                cache.put_executable_and_time(key, key.split("-")[0], executable, backend,
-                                              int(seconds))
+                compilation_cache.put_executable_and_time(key, name, executable, backend,
+                                                          int(seconds))
             except Exception as error:  # as JAX does: a cache that cannot be written
                 warnings.warn(f"cache entry {key} not written ({error})")
         return executable

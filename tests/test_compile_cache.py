@@ -12,9 +12,9 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 
-# One process: build the loop with a progress callback that asks to stop after update 3,
-# train, save the run's folder (for eval), and say which programs XLA compiled and what the
-# callback saw.
+# One process: build the loop with two callbacks, progress (it asks to stop after update 3)
+# and checkpoints (every 2 updates), train, save the run's folder (for eval), and say which
+# programs XLA compiled and what the callbacks saw.
 TRAIN_ONCE = """
 import json, os, sys
 import numpy as np
@@ -31,18 +31,21 @@ def counting(backend, module, *rest):
     return real(backend, module, *rest)
 compiler.backend_compile_and_load = counting
 
-reports = []
+reports, saves = [], []
 def on_report(done, episode_return):
     reports.append(int(done))
     return np.int32(int(done) + 1), np.bool_(int(done) >= 3)
+def on_checkpoint(loop):
+    saves.append(int(np.asarray(loop.runner.update)[0]))
 
-config, out = tiny_config(), sys.argv[1]
-runner = P.make_runner(config, on_report=on_report)
+config, out = tiny_config(save_every=2), sys.argv[1]
+runner = P.make_runner(config, on_report=on_report, on_checkpoint=on_checkpoint)
 loop = runner.run(runner.init(P.seed_keys(config)))
 os.makedirs(out, exist_ok=True)
 P.write_atomic(os.path.join(out, "config.json"), P.config_json(config))
 P.save_checkpoint(config, out, loop)
-print(json.dumps({"compiled": compiled, "reports": reports, "done": loop.updates_done,
+print(json.dumps({"compiled": compiled, "reports": reports, "saves": saves,
+                  "done": loop.updates_done,
                   "value_loss": loop.metrics()["value_loss"].tolist()}))
 """
 
@@ -73,24 +76,34 @@ def test_a_second_process_loads_the_loop_and_calls_its_own_callback(first, tmp_p
     assert any(name.startswith("jit_run") and "host-calls" in name for name in entries), entries
     second = train_once(first["home"], tmp_path / "second")
     assert "jit_run" not in second["compiled"] and "jit_init" not in second["compiled"]
-    # The loaded program calls this process's callback, and obeys what it returns (stop).
+    # The loaded program calls this process's callbacks, each the right one, and obeys what
+    # they return (stop).
     assert second["reports"] == first["reports"] == [1, 2, 3]
+    assert second["saves"] == first["saves"] == [2]
     assert second["done"] == first["done"] == 3
     assert second["value_loss"] == first["value_loss"]
     # A damaged entry is compiled again, and written again.
-    for name in os.listdir(first["cache"]):
-        if "host-calls" in name:
-            (first["cache"] / name).write_bytes(b"not an executable")
+    damaged = [first["cache"] / name for name in entries if "host-calls" in name]
+    for path in damaged:
+        path.write_bytes(b"not an executable")
     again = train_once(first["home"], tmp_path / "again")
     assert "jit_run" in again["compiled"] and again["value_loss"] == first["value_loss"]
+    assert all(path.read_bytes() != b"not an executable" for path in damaged)
+
+
+EVAL = """
+import sys
+import ppo_jax as P
+P.CACHE_MIN_COMPILE_SECONDS = 0.0  # the tests' tiny programs compile fast
+sys.exit(P.main(["eval", sys.argv[1], "--episodes", "3"]))
+"""
 
 
 def test_eval_of_a_run_that_used_the_cache_keeps_its_program_there(first):
     """(A later eval then loads it, as JAX's own cache does for any program without host
     calls.)"""
     before = set(os.listdir(first["cache"]))
-    run_python([str(ROOT / "ppo_jax.py"), "eval", str(first["out"]), "--episodes", "3"],
-               first["home"])
+    run_python(["-c", EVAL, str(first["out"])], first["home"])
     written = set(os.listdir(first["cache"])) - before
     assert any(name.startswith("jit_evaluate_all") for name in written), written
 

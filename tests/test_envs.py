@@ -58,13 +58,17 @@ import ppo_jax as P
 P.import_gymnax()
 deferred = [name for name in ("seaborn", "matplotlib.pyplot", "scipy.stats")
             if type(sys.modules.get(name)).__name__ != "module"]
+import matplotlib.pyplot as plt
+stand_in = type(plt).__name__
+plt.ppo_jax_mark = 1  # reaches the real pyplot (IPython's %matplotlib sets attributes)
 import jax
 env, params = P.make_env("Catch-bsuite")
 _, state = env.reset(jax.random.key(0), params)
 import matplotlib
 matplotlib.use("Agg")
 fig, ax = env.render(state, params)  # through gymnax's own, deferred, pyplot
-print(deferred, type(fig).__name__, len(ax.texts))
+print(deferred, stand_in, type(fig).__name__, len(ax.texts),
+      sys.modules["matplotlib.pyplot"].ppo_jax_mark)
 """
 
 
@@ -77,4 +81,4 @@ def test_gymnax_starts_without_seaborn_and_pyplot_and_draws_with_pyplot():
                             text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["['seaborn',", "'matplotlib.pyplot',", "'scipy.stats']",
-                                     "Figure", "2"]
+                                     "DeferredModule", "Figure", "2", "1"]
