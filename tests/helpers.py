@@ -24,6 +24,13 @@ def jitted_train(config: P.Config):
     return jax.jit(P.make_train(config))
 
 
+@functools.cache
+def jitted_vmapped_train(config: P.Config):
+    """jax.jit(jax.vmap(make_train(config))), shared in the same way (make_train ignores
+    num_seeds, so configs that differ only there can share it too)."""
+    return jax.jit(jax.vmap(P.make_train(config)))
+
+
 def build(config: P.Config, seed: int = 0):
     """env, env_params, spec, agent and an initial RunnerState for `config`."""
     env, env_params = P.make_env(config.env)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ppo_jax as P
-from helpers import build, jitted_train, tiny_config
+from helpers import build, jitted_train, jitted_vmapped_train, tiny_config
 
 METRICS = ["episode_return", "episode_length", "episodes_finished", "policy_loss", "value_loss",
            "entropy", "approx_kl", "clip_fraction", "explained_variance", "grad_norm",
@@ -36,8 +36,8 @@ def test_same_seed_gives_identical_metrics():
 
 def test_vmapped_seeds_equal_separate_runs():
     config = tiny_config()
-    keys = jax.random.split(P.make_key(0), 3)
-    _, batched = jax.jit(jax.vmap(P.make_train(config)))(keys)
+    keys = P.seed_keys(tiny_config(num_seeds=2))  # the runner test below vmaps these too
+    _, batched = jitted_vmapped_train(config)(keys)
     single = jitted_train(config)
     for i, key in enumerate(keys):
         _, alone = single(key)
@@ -54,7 +54,7 @@ def test_runner_equals_vmapped_train_and_reports_progress():
 
     runner = P.make_runner(config, on_report)
     loop = runner.run(runner.init(P.seed_keys(config)))
-    _, from_vmap = jax.jit(jax.vmap(P.make_train(config)))(P.seed_keys(config))
+    _, from_vmap = jitted_vmapped_train(tiny_config())(P.seed_keys(config))
     assert_same(loop.metrics(), from_vmap, rtol=1e-5, atol=1e-6)
     assert [c[0] for c in calls] == list(range(1, config.num_updates + 1))
     assert all(shape == (2,) for _, shape in calls)
