@@ -337,10 +337,10 @@ def import_gymnax():
 
     gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
     only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
-    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Its Catch,
-    Pong and maze modules import pyplot, for the same reason: 0.55 s and 28 MB, now paid
-    only by what draws (the learning curve, at the end of a run). Whatever uses them later
-    gets the real modules.
+    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Catch and
+    four misc modules (Pong, PointRobot, the two mazes) import pyplot, for the same reason:
+    0.55 s and 28 MB, now paid only by what draws (the learning curve, at the end of a
+    run). Whatever uses them later gets the real modules.
     """
     for name in ("seaborn", "matplotlib.pyplot"):
         if name not in sys.modules and (spec := importlib.util.find_spec(name)):
@@ -2051,7 +2051,7 @@ def cache_programs_with_host_calls() -> None:
         start = time.perf_counter()
         executable = compile_here()
         seconds = time.perf_counter() - start
-        if (store is not None and key is not None and jax.process_index() == 0
+        if (store is not None and jax.process_index() == 0  # (store is set after key)
                 and seconds >= jax.config.jax_persistent_cache_min_compile_time_secs):
             try:
                 compilation_cache.put_executable_and_time(key, name, executable, backend,
