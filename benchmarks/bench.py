@@ -71,9 +71,32 @@ def cold() -> None:
                       f"(compile {inner.group(1)} s, train {inner.group(2)} s), final return {returns}")
 
 
-def throughput(repeats: int = 5) -> None:
+def throughput(rounds: int = 2) -> None:
     """The standard config (Config's defaults): CartPole, 4 envs x 128 steps, 5e5 steps,
-    4 epochs x 4 minibatches, 64x64 tanh, lr 2.5e-4."""
+    4 epochs x 4 minibatches, 64x64 tanh, lr 2.5e-4. Once on one XLA:CPU thread, what the
+    command line picks for it (ppo_jax.small_run), once on JAX's default of one per core, in
+    fresh processes turn about: the pool is sized when JAX starts."""
+    import ppo_jax as P
+
+    chosen = " (the command line's choice)" if P.small_run(P.Config()) else ""
+    threads = {f"1 thread{chosen}": "1", "JAX's default threads": None}
+    results = {name: [] for name in threads}
+    for _ in range(rounds):
+        for name, count in threads.items():
+            env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+            env.update({"PJRT_NPROC": count} if count else {})
+            result = subprocess.run([sys.executable, os.path.abspath(__file__), "throughput-once"],
+                                    capture_output=True, text=True, env=env, cwd=ROOT)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            results[name].append(result.stdout.strip().splitlines()[-1])
+    for name, lines in results.items():
+        for line in lines:
+            print(f"{name}: {line}")
+
+
+def throughput_once(repeats: int = 5) -> None:
+    """throughput's measurement, in this process and on its thread pool."""
     import jax
 
     import ppo_jax as P
@@ -317,6 +340,9 @@ BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]
+    if names == ["throughput-once"]:  # run by throughput, in a process of its own
+        throughput_once()
+        sys.exit(0)
     if names[0] == "compare":
         if len(names) > 2:
             sys.exit("error: compare takes one git revision: bench.py compare [REV]")

@@ -17,7 +17,13 @@ if not os.environ.get("PPO_JAX_TEST_XLA_DEFAULTS"):
                                         "--xla_cpu_use_fusion_emitters=false",
                                         "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE"]).strip()
 
-import pytest
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Start JAX's CPU client now, one pool thread per core. Many tests call main() in this
+# process, and main() gives a small run one thread if JAX has not started yet: whichever
+# test came first would otherwise set the thread count of the whole suite.
+jax.devices()
 
 
 def pytest_addoption(parser):

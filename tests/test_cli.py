@@ -94,39 +94,52 @@ def test_help_lists_every_config_field():
         assert "--" + field.replace("_", "-") in result.stdout
 
 
-# Run main() (or, with no arguments, just start JAX), then count XLA's pool threads.
+# Run main(), then count XLA's pool threads.
 COUNT_POOL_THREADS = """
 import os, sys
 import ppo_jax as P
-if sys.argv[1:]:
-    code = P.main(sys.argv[1:])
-else:  # the control: JAX started the default way
-    P.make_key(0)
-    code = 0
+code = P.main(sys.argv[1:])
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print("exit", code, "pool threads", names.count("tf_XLAEigen"))
 """
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+SMALL = TINY  # 4 envs, minibatches of 32
+LARGE = ["--total-timesteps", "1024", "--num-envs", "128", "--num-steps", "8"]
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or CORES < 2,
                     reason="needs 2+ usable cores (one thread is the default on one), on Linux")
-@pytest.mark.parametrize("threads", [None, 1])
-def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(tmp_path, threads):
-    """--cpu-threads sets PJRT_NPROC before the first array, or JAX's CPU client would
-    already have one pool thread per core (the control, None: JAX started without it).
-    main() stops at the unwritable --out, which it checks after building the env (JAX's
-    first arrays), so nothing needs to train."""
+@pytest.mark.parametrize("args, environ, threads", [
+    (SMALL, {}, 1),  # --cpu-threads 0 (the default) on a small run: one thread
+    (SMALL + ["--cpu-threads", "2"], {}, 2),  # the flag wins over the rule
+    (SMALL, {"PJRT_NPROC": "2"}, 2),  # and so does PJRT_NPROC from the environment
+    (LARGE, {}, CORES),  # 128 envs: JAX's default, one per core
+], ids=["small-auto", "small-flag", "small-environment", "large-auto"])
+def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(args, environ, threads):
+    """main() sets PJRT_NPROC before the first array, or JAX's CPU client would already
+    have one pool thread per core. It stops at the unwritable --out, which it checks after
+    building the env (JAX's first arrays), so nothing needs to train."""
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
-    args = [] if threads is None else ["--quiet", "--out", "/proc/ppo_jax_test",
-                                       "--cpu-threads", str(threads), *TINY]
-    result = subprocess.run([sys.executable, "-c", COUNT_POOL_THREADS, *args],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    result = subprocess.run([sys.executable, "-c", COUNT_POOL_THREADS, "--quiet", "--out",
+                             "/proc/ppo_jax_test", *args],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**env, **environ})
     assert result.returncode == 0, result.stderr[-3000:]
-    if threads is None:
-        assert f"exit 0 pool threads {len(os.sched_getaffinity(0))}" in result.stdout
-    else:
-        assert f"exit 2 pool threads {threads}" in result.stdout, result.stdout
-        assert "cannot write to --out" in result.stderr
+    assert f"exit 2 pool threads {threads}" in result.stdout, result.stdout
+    assert "cannot write to --out" in result.stderr
+
+
+def test_small_run_matches_the_measured_configs():
+    """The rule behind --cpu-threads 0, on the configs whose speed with one thread and with
+    two the README reports: one thread where it trained faster (or as fast), JAX's default
+    where two did."""
+    one_thread = [P.Config(), P.preset_config("CartPole-v1"), P.preset_config("Acrobot-v1"),
+                  P.Config(hidden_sizes=(256, 256)), P.Config(num_envs=64)]
+    two_threads = [P.Config(num_seeds=8), P.Config(num_envs=256, num_steps=32),
+                   P.preset_config("Breakout-MinAtar"), P.Config(num_envs=1024, num_steps=32),
+                   P.Config(sweep=("learning_rate=1e-4,3e-4",))]
+    assert all(P.small_run(c) for c in one_thread)
+    assert not any(P.small_run(c) for c in two_threads)
 
 
 def test_cpu_threads_refused_once_jax_has_started(tmp_path, capsys):
