@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,9 @@ def run_cli(*args, cwd=ROOT):
 
 def test_cli_trains_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
+    start = time.perf_counter()
     result = run_cli("--env", "CartPole-v1", "--num-seeds", "2", "--out", str(out), *TINY)
+    process_seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"config.json", "metrics.jsonl", "learning_curve.png", "params.msgpack",
             "checkpoint.msgpack"} <= set(os.listdir(out))
@@ -35,7 +39,11 @@ def test_cli_trains_and_writes_every_output(tmp_path):
     assert rows[-1]["env_steps"] == 1024
     assert {"episode_return", "approx_kl", "explained_variance", "grad_norm"} <= set(rows[0])
     assert "final return per seed" in result.stdout and "steps/s" in result.stdout
-    assert "compile" in result.stdout and "wall" in result.stdout
+    # The summary's wall time holds compiling and training, and no more than the process.
+    times = re.search(r"compile ([\d.]+) s \| train ([\d.]+) s \| wall ([\d.]+) s", result.stdout)
+    compile_s, train_s, wall_s = map(float, times.groups())
+    assert compile_s + train_s <= wall_s + 0.1 and wall_s <= process_seconds
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in result.stderr
 
 
