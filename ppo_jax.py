@@ -2013,8 +2013,8 @@ def small_run(config: Config) -> bool:
 def set_cpu_threads(config: Config) -> None:
     """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run.
     JAX's CPU client reads PJRT_NPROC when it starts, at the first array, so main() calls
-    this before building anything. With 0, PJRT_NPROC already set, or JAX already started
-    (main called from Python), nothing changes."""
+    this before building anything. With 0, nothing changes if PJRT_NPROC is already set or
+    JAX has already started (main called from Python)."""
     from jax._src import xla_bridge  # JAX has no public "has the CPU client started?"
 
     started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
