@@ -78,7 +78,7 @@ def test_four_vmapped_seeds_finish_without_deadlock():
     script = textwrap.dedent("""
         import jax, numpy as np, ppo_jax as P
         config = P.Config(total_timesteps=4096, num_envs=4, num_steps=64, hidden_sizes=(64, 64))
-        for seed in range(3):  # a deadlock is a matter of chance: try several programs
+        for seed in range(2):  # a deadlock is a matter of chance: try more than one program
             train = jax.jit(jax.vmap(P.make_train(config)))
             _, metrics = train(jax.random.split(P.make_key(seed), 4 + seed))
             assert np.isfinite(np.asarray(metrics["value_loss"])).all()
