@@ -315,48 +315,6 @@ def validate_config(config: Config) -> None:
 # always describes the observation the policy sees.
 
 
-class DeferredModule(types.ModuleType):
-    """Stands in sys.modules for a module, and imports the real one on first attribute use."""
-
-    def __getattr__(self, attr):
-        return getattr(self._load(), attr)
-
-    def __dir__(self):
-        return dir(self._load())
-
-    def __setattr__(self, attr, value):  # plt.show = ... (IPython's %matplotlib does this)
-        if attr.startswith("__"):
-            super().__setattr__(attr, value)
-        else:
-            setattr(self._load(), attr, value)
-
-    def _load(self):
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return importlib.import_module(self.__name__)
-
-
-def import_gymnax():
-    """gymnax, imported on first use, with seaborn and matplotlib.pyplot deferred until
-    something draws.
-
-    gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
-    only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
-    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Catch and
-    four misc modules (Pong, PointRobot, the two mazes) import pyplot, for the same reason:
-    0.55 s and 28 MB, now paid only by what draws through pyplot (`eval --render`; the
-    learning curve is drawn without it). Whatever uses them later gets the real modules.
-    """
-    for name in ("seaborn", "matplotlib.pyplot"):
-        if name not in sys.modules and (spec := importlib.util.find_spec(name)):
-            stand_in = DeferredModule(name)
-            stand_in.__spec__ = spec  # so importlib.util.find_spec(name) still answers
-            sys.modules[name] = stand_in
-    import gymnax
-
-    return gymnax
-
-
 def make_env(env_id: str) -> tuple[Any, Any]:
     """The gymnax environment and its default params, from an id or 'module:Class'."""
     gymnax = import_gymnax()
@@ -1901,6 +1859,153 @@ def read_config(run_dir: str) -> Config:
     return config
 
 
+# ── Start-up: gymnax's import, XLA's threads, the compile cache ───────────────────────────
+# Plumbing, not PPO: what makes a run start sooner and train faster on the CPU.
+
+
+class DeferredModule(types.ModuleType):
+    """Stands in sys.modules for a module, and imports the real one on first attribute use."""
+
+    def __getattr__(self, attr):
+        return getattr(self._load(), attr)
+
+    def __dir__(self):
+        return dir(self._load())
+
+    def __setattr__(self, attr, value):  # plt.show = ... (IPython's %matplotlib does this)
+        if attr.startswith("__"):
+            super().__setattr__(attr, value)
+        else:
+            setattr(self._load(), attr, value)
+
+    def _load(self):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return importlib.import_module(self.__name__)
+
+
+def import_gymnax():
+    """gymnax, imported on first use, with seaborn and matplotlib.pyplot deferred until
+    something draws.
+
+    gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
+    only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
+    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Catch and
+    four misc modules (Pong, PointRobot, the two mazes) import pyplot, for the same reason:
+    0.55 s and 28 MB, now paid only by what draws through pyplot (`eval --render`; the
+    learning curve is drawn without it). Whatever uses them later gets the real modules.
+    """
+    for name in ("seaborn", "matplotlib.pyplot"):
+        if name not in sys.modules and (spec := importlib.util.find_spec(name)):
+            stand_in = DeferredModule(name)
+            stand_in.__spec__ = spec  # so importlib.util.find_spec(name) still answers
+            sys.modules[name] = stand_in
+    import gymnax
+
+    return gymnax
+
+
+def small_run(config: Config) -> bool:
+    """Whether one thread trains this config faster than two on a 2-core CPU: one run (no
+    vmap over seeds or settings), at most 64 envs, and hidden-layer matmuls of at most 2^24
+    multiply-adds per minibatch (minibatch size x widest layer^2). Its kernels are too small
+    to share between threads, and the second one mostly spins waiting for work. Measured
+    (README): 19-25 % faster on the standard config, the CartPole preset, 256 x 256 layers
+    and 64 envs; even on Acrobot; slower with 8 seeds, 256 envs and Breakout-MinAtar, which
+    keep JAX's default. Decided from the config alone (importing gymnax starts JAX), so the
+    observation's size, and whether a CNN runs, do not enter."""
+    return (config.num_runs == 1 and config.num_envs <= 64
+            and config.minibatch_size * max(config.hidden_sizes) ** 2 <= 2**24)
+
+
+def set_cpu_threads(config: Config) -> None:
+    """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run.
+    JAX's CPU client reads PJRT_NPROC when it starts, at the first array, so main() calls
+    this before building anything. With 0, nothing changes if PJRT_NPROC is already set or
+    JAX has already started (main called from Python)."""
+    from jax._src import xla_bridge  # JAX has no public "has the CPU client started?"
+
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+    if config.cpu_threads:
+        if started:
+            raise ConfigError("--cpu-threads works only before this process first uses JAX; "
+                              f"set PJRT_NPROC={config.cpu_threads} in the environment before "
+                              "starting Python")
+        os.environ["PJRT_NPROC"] = str(config.cpu_threads)
+    elif not started and "PJRT_NPROC" not in os.environ and small_run(config):
+        os.environ["PJRT_NPROC"] = "1"
+
+
+CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
+
+
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk: a second identical run loads instead of compiling."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "ppo_jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    cache_programs_with_host_calls()
+
+
+def cache_programs_with_host_calls() -> None:
+    """Let the persistent cache also keep programs that call the host through io_callback,
+    as the default run's `run` does for its progress bar: it recompiled every time.
+
+    JAX never stores such a program: it counts the callbacks as part of the compiled code.
+    On CPU in jax 0.10, though, the program names each callback only by its index in a list
+    that is handed over when the executable is loaded, and the loader takes a new list: so
+    a stored program loads back with this process's callbacks (tests/test_compile_cache.py).
+    The entry's key is JAX's own key of the program (its text, indices included; jaxlib
+    version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
+    for this, so it is done only on jax 0.10 (what requirements.txt pins) and on CPU (GPUs
+    were not tried); elsewhere such programs are compiled every time, as JAX does."""
+    from jax._src import compilation_cache, compiler, lru_cache
+
+    jax_compile = compiler.compile_or_get_cached
+    if (not jax.__version__.startswith("0.10.") or not hasattr(lru_cache, "_CACHE_SUFFIX")
+            or getattr(jax_compile, "keeps_host_calls", False)):
+        return
+
+    def compile_or_load(backend, module, devices, options, host_callbacks, executable_devices,
+                        *rest, **named):
+        compile_here = lambda: jax_compile(backend, module, devices, options, host_callbacks,
+                                           executable_devices, *rest, **named)
+        if (not host_callbacks or backend.platform != "cpu"
+                or not compilation_cache.is_cache_used(backend)):
+            return compile_here()
+        store = key = None  # store stays None for a cache folder JAX could not use
+        try:
+            jax_key = compilation_cache.get_cache_key(module, devices, options, backend)
+            name, key = jax_key.rsplit("-", 1)[0], jax_key + "-host-calls"
+            store = compilation_cache._get_cache(backend)
+            entry = None if store is None else store.get(key)
+            if entry is not None:
+                executable, _ = compilation_cache.extract_executable_and_time(
+                    compilation_cache.decompress_executable(entry))
+                return backend.deserialize_executable(executable, executable_devices, options,
+                                                      host_callbacks=host_callbacks)
+        except Exception as error:  # e.g. a damaged entry: compile, and write it again
+            warnings.warn(f"compiling {key or 'a program'}: the cache could not be read "
+                          f"({error})")
+            with contextlib.suppress(Exception):  # the cache never replaces an entry
+                (store.path / f"{key}{lru_cache._CACHE_SUFFIX}").unlink()
+        start = time.perf_counter()
+        executable = compile_here()
+        seconds = time.perf_counter() - start
+        if (store is not None and jax.process_index() == 0  # (store is set after key)
+                and seconds >= jax.config.jax_persistent_cache_min_compile_time_secs):
+            try:
+                compilation_cache.put_executable_and_time(key, name, executable, backend,
+                                                          int(seconds))
+            except Exception as error:  # as JAX does: a cache that cannot be written
+                warnings.warn(f"cache entry {key} not written ({error})")
+        return executable
+
+    compile_or_load.keeps_host_calls = True
+    compiler.compile_or_get_cached = compile_or_load
+
+
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
 
 
@@ -1995,107 +2100,6 @@ def create_out_dir(config: Config) -> str:
         raise ConfigError(f"cannot write to --out {out} ({error.strerror}); "
                           "pick a folder you can write to") from None
     return out
-
-
-def small_run(config: Config) -> bool:
-    """Whether one thread trains this config faster than two on a 2-core CPU: one run (no
-    vmap over seeds or settings), at most 64 envs, and hidden-layer matmuls of at most 2^24
-    multiply-adds per minibatch (minibatch size x widest layer^2). Its kernels are too small
-    to share between threads, and the second one mostly spins waiting for work. Measured
-    (README): 19-25 % faster on the standard config, the CartPole preset, 256 x 256 layers
-    and 64 envs; even on Acrobot; slower with 8 seeds, 256 envs and Breakout-MinAtar, which
-    keep JAX's default. Decided from the config alone (importing gymnax starts JAX), so the
-    observation's size, and whether a CNN runs, do not enter."""
-    return (config.num_runs == 1 and config.num_envs <= 64
-            and config.minibatch_size * max(config.hidden_sizes) ** 2 <= 2**24)
-
-
-def set_cpu_threads(config: Config) -> None:
-    """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run.
-    JAX's CPU client reads PJRT_NPROC when it starts, at the first array, so main() calls
-    this before building anything. With 0, nothing changes if PJRT_NPROC is already set or
-    JAX has already started (main called from Python)."""
-    from jax._src import xla_bridge  # JAX has no public "has the CPU client started?"
-
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if config.cpu_threads and started:
-        raise ConfigError("--cpu-threads works only before this process first uses JAX; set "
-                          f"PJRT_NPROC={config.cpu_threads} in the environment before starting "
-                          "Python")
-    if config.cpu_threads:
-        os.environ["PJRT_NPROC"] = str(config.cpu_threads)
-    elif not started and "PJRT_NPROC" not in os.environ and small_run(config):
-        os.environ["PJRT_NPROC"] = "1"
-
-
-CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
-
-
-def enable_compile_cache() -> None:
-    """Keep compiled programs on disk: a second identical run loads instead of compiling."""
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                         "ppo_jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
-    cache_programs_with_host_calls()
-
-
-def cache_programs_with_host_calls() -> None:
-    """Let the persistent cache also keep programs that call the host through io_callback,
-    as the default run's `run` does for its progress bar: it recompiled every time.
-
-    JAX never stores such a program: it counts the callbacks as part of the compiled code.
-    On CPU in jax 0.10, though, the program names each callback only by its index in a list
-    that is handed over when the executable is loaded, and the loader takes a new list: so
-    a stored program loads back with this process's callbacks (tests/test_compile_cache.py).
-    The entry's key is JAX's own key of the program (its text, indices included; jaxlib
-    version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
-    for this, so it is done only on jax 0.10 (what requirements.txt pins) and on CPU (GPUs
-    were not tried); elsewhere such programs are compiled every time, as JAX does."""
-    from jax._src import compilation_cache, compiler, lru_cache
-
-    jax_compile = compiler.compile_or_get_cached
-    if (not jax.__version__.startswith("0.10.") or not hasattr(lru_cache, "_CACHE_SUFFIX")
-            or getattr(jax_compile, "keeps_host_calls", False)):
-        return
-
-    def compile_or_load(backend, module, devices, options, host_callbacks, executable_devices,
-                        *rest, **named):
-        compile_here = lambda: jax_compile(backend, module, devices, options, host_callbacks,
-                                           executable_devices, *rest, **named)
-        if (not host_callbacks or backend.platform != "cpu"
-                or not compilation_cache.is_cache_used(backend)):
-            return compile_here()
-        store = key = None  # store stays None for a cache folder JAX could not use
-        try:
-            jax_key = compilation_cache.get_cache_key(module, devices, options, backend)
-            name, key = jax_key.rsplit("-", 1)[0], jax_key + "-host-calls"
-            store = compilation_cache._get_cache(backend)
-            entry = None if store is None else store.get(key)
-            if entry is not None:
-                executable, _ = compilation_cache.extract_executable_and_time(
-                    compilation_cache.decompress_executable(entry))
-                return backend.deserialize_executable(executable, executable_devices, options,
-                                                      host_callbacks=host_callbacks)
-        except Exception as error:  # e.g. a damaged entry: compile, and write it again
-            warnings.warn(f"compiling {key or 'a program'}: the cache could not be read "
-                          f"({error})")
-            with contextlib.suppress(Exception):  # the cache never replaces an entry
-                (store.path / f"{key}{lru_cache._CACHE_SUFFIX}").unlink()
-        start = time.perf_counter()
-        executable = compile_here()
-        seconds = time.perf_counter() - start
-        if (store is not None and jax.process_index() == 0  # (store is set after key)
-                and seconds >= jax.config.jax_persistent_cache_min_compile_time_secs):
-            try:
-                compilation_cache.put_executable_and_time(key, name, executable, backend,
-                                                          int(seconds))
-            except Exception as error:  # as JAX does: a cache that cannot be written
-                warnings.warn(f"cache entry {key} not written ({error})")
-        return executable
-
-    compile_or_load.keeps_host_calls = True
-    compiler.compile_or_get_cached = compile_or_load
 
 
 def train_and_save(config: Config, out: str, start: float) -> int:
