@@ -1,0 +1,125 @@
+"""compile_thread_yields: while XLA:CPU compiles, the thread that compiles runs nicer, so
+that XLA's codegen threads keep up with it (the peak RSS of a run; README, Speed and
+memory). JAX does not name its threads: these tests check the right one is found, on a
+training program compiled as the command line compiles it (MLIR fusion emitters on)."""
+
+import contextlib
+import os
+import sys
+import threading
+
+import jax
+import pytest
+
+import ppo_jax as P
+from helpers import tiny_config
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux")
+
+EMITTERS_ON = {"xla_cpu_use_fusion_emitters": True}  # conftest turns them off
+
+
+@pytest.fixture(scope="module")
+def lowered_run():
+    config = tiny_config(compile_cache=False)
+    runner = P.make_runner(config)
+    return runner.run.lower(jax.eval_shape(runner.init, P.seed_keys(config)))
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """Compile for real, even if an earlier test turned JAX's persistent cache on."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def python_threads() -> set[int]:
+    return {thread.native_id for thread in threading.enumerate()}
+
+
+def test_the_thread_that_compiles_is_reniced_and_given_back(lowered_run, no_compilation_cache,
+                                                              monkeypatch):
+    # Whatever else runs on the machine, count only this process's CPU time.
+    monkeypatch.setattr(P, "machine_busy_ticks", lambda: sum(P.thread_cpu_ticks().values()))
+    # The threads that run programs: they must not be taken for the compile thread.
+    square = jax.jit(lambda x: x @ x).lower(jax.numpy.ones((256, 256))).compile()
+    before = P.thread_cpu_ticks()
+    for _ in range(20):
+        jax.block_until_ready(square(jax.numpy.ones((256, 256))))
+    runners = {tid for tid, ticks in P.thread_cpu_ticks().items()
+               if ticks > before.get(tid, 0) and tid not in python_threads()}
+    # An independent account of the compile thread: XLA's HLO passes run on it alone, so it
+    # has the most CPU time gained while no other thread (outside Python's) gained any.
+    alone, niceness_seen, done = {}, {}, threading.Event()
+
+    def watch():
+        last = P.thread_cpu_ticks()
+        while not done.wait(0.01):
+            now = P.thread_cpu_ticks()
+            gained = {tid: ticks - last.get(tid, 0) for tid, ticks in now.items()
+                      if ticks > last.get(tid, 0) and tid not in python_threads()}
+            if len(gained) == 1:
+                (tid, ticks), = gained.items()
+                alone[tid] = alone.get(tid, 0) + ticks
+            for tid in now:
+                with contextlib.suppress(OSError):  # a thread that ended
+                    niceness_seen.setdefault(tid, set()).add(os.getpriority(os.PRIO_PROCESS, tid))
+            last = now
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with P.compile_thread_yields() as reniced:
+        lowered_run.compile(compiler_options=EMITTERS_ON)
+    done.set()
+    watcher.join()
+
+    assert len(reniced) == 1
+    tid, niceness = reniced[0]
+    assert tid == max(alone, key=alone.get), alone
+    assert tid not in python_threads() and tid not in runners
+    assert P.COMPILE_THREAD_NICENESS in niceness_seen[tid]
+    assert not any(P.COMPILE_THREAD_NICENESS in seen
+                   for other, seen in niceness_seen.items() if other != tid)
+    # Lowering a niceness again needs CAP_SYS_NICE (root); without it the thread stays nicer.
+    after = os.getpriority(os.PRIO_PROCESS, tid)
+    assert after == (niceness if os.geteuid() == 0 else P.COMPILE_THREAD_NICENESS)
+
+
+class FakeThreads:
+    """thread_cpu_ticks and machine_busy_ticks for a compile thread (id 1) that uses a
+    core, XLA threads that use a little, and other processes that use `others` cores."""
+
+    def __init__(self, others: float):
+        self.others, self.start, self.tick = others, P.time.perf_counter(), os.sysconf("SC_CLK_TCK")
+
+    def threads(self) -> dict[int, int]:
+        seconds = P.time.perf_counter() - self.start
+        return {1: int(self.tick * seconds), 2: int(0.2 * self.tick * seconds)}
+
+    def machine(self) -> int:
+        seconds = P.time.perf_counter() - self.start
+        return sum(self.threads().values()) + int(self.others * self.tick * seconds)
+
+
+@pytest.mark.parametrize("others, reniced", [(0.0, [(1, 0)]), (0.3, [(1, 0)]), (2.0, [])])
+def test_renices_only_while_other_processes_leave_the_cpu_free(others, reniced, monkeypatch):
+    fake, niceness = FakeThreads(others), {1: 0, 2: 0}
+    monkeypatch.setattr(P, "thread_cpu_ticks", fake.threads)
+    monkeypatch.setattr(P, "machine_busy_ticks", fake.machine)
+    monkeypatch.setattr(P.os, "getpriority", lambda which, tid: niceness[tid])
+    monkeypatch.setattr(P.os, "setpriority", lambda which, tid, value: niceness.update({tid: value}))
+    with P.compile_thread_yields() as found:
+        P.time.sleep(0.25)  # a compile
+    assert found == reniced
+    assert niceness == {1: 0, 2: 0}  # given back (as root may)
+
+
+def test_nothing_is_reniced_when_the_compile_ends_before_a_thread_stands_out(monkeypatch):
+    fake = FakeThreads(0.0)
+    monkeypatch.setattr(P, "thread_cpu_ticks", fake.threads)
+    monkeypatch.setattr(P, "machine_busy_ticks", fake.machine)
+    with P.compile_thread_yields() as found:
+        pass
+    assert found == []
