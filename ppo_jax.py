@@ -1860,7 +1860,7 @@ def read_config(run_dir: str) -> Config:
 
 
 # ── Start-up: gymnax's import, XLA's threads, the compile cache ───────────────────────────
-# Plumbing, not PPO: what makes a run start sooner and train faster on the CPU.
+# Plumbing, not PPO: what makes a run start sooner, train faster and peak lower on the CPU.
 
 
 class DeferredModule(types.ModuleType):
