@@ -2046,7 +2046,7 @@ def compile_thread_yields():
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         yield []
         return
-    done, reniced, tick = threading.Event(), [], os.sysconf("SC_CLK_TCK")
+    done, found, tick = threading.Event(), [], os.sysconf("SC_CLK_TCK")
 
     def renice() -> None:
         start, machine, threads = time.perf_counter(), machine_busy_ticks(), thread_cpu_ticks()
@@ -2065,18 +2065,18 @@ def compile_thread_yields():
             return
         with contextlib.suppress(OSError):  # e.g. the thread ended
             niceness = os.getpriority(os.PRIO_PROCESS, tid)
-            if niceness < COMPILE_THREAD_NICENESS:
+            if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
                 os.setpriority(os.PRIO_PROCESS, tid, COMPILE_THREAD_NICENESS)
-                reniced.append((tid, niceness))
+            found.append((tid, niceness))
 
     watcher = threading.Thread(target=renice, daemon=True)
     watcher.start()
     try:
-        yield reniced
+        yield found  # [(the compile thread's id, its niceness before)], if it was found
     finally:
         done.set()
         watcher.join()
-        for tid, niceness in reniced:
+        for tid, niceness in found:
             with contextlib.suppress(OSError):  # lowering niceness needs CAP_SYS_NICE
                 os.setpriority(os.PRIO_PROCESS, tid, niceness)
 
