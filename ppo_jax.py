@@ -31,6 +31,7 @@ Conventions, where PPO codebases disagree:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -2197,15 +2198,20 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         if loop.updates_done >= config.num_updates:
             raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing "
                                   f"to resume (evaluate it with: python ppo_jax.py eval {out})")
-    else:
-        loop = runner.init(seed_keys(config))
+        lowered = runner.run.lower(loop)
+    else:  # XLA compiles init while Python traces and lowers run, from init's output shapes
+        keys = seed_keys(config)
+        init = runner.init.lower(keys)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            init_compiled = pool.submit(init.compile)
+            lowered = runner.run.lower(jax.eval_shape(runner.init, keys))
+            loop = init_compiled.result()(keys)
     first = loop.updates_done
     if progress is not None:
         progress.last_update = first
     if config.tensorboard:  # turned on at a resume: write the earlier updates too
         fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
         tensorboard = TensorBoard(config, out, 0 if fresh else first)
-    lowered = runner.run.lower(loop)
     with compile_thread_yields():
         compiled = lowered.compile()
     t1 = time.perf_counter()
