@@ -2064,13 +2064,16 @@ def compile_thread_yields():
         others = machine_busy_ticks() - machine - sum(used.values())
         if others >= 0.5 * tick * (time.perf_counter() - start):
             return
-        with contextlib.suppress(OSError):  # e.g. the thread ended
-            niceness = os.getpriority(os.PRIO_PROCESS, tid)
-            if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
-                os.setpriority(os.PRIO_PROCESS, tid, COMPILE_THREAD_NICENESS)
-            found.append((tid, niceness))
+        niceness = os.getpriority(os.PRIO_PROCESS, tid)
+        if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
+            os.setpriority(os.PRIO_PROCESS, tid, COMPILE_THREAD_NICENESS)
+        found.append((tid, niceness))
 
-    watcher = threading.Thread(target=renice, daemon=True)
+    def renice_quietly() -> None:
+        with contextlib.suppress(OSError):  # /proc unreadable, or the thread just ended
+            renice()
+
+    watcher = threading.Thread(target=renice_quietly, daemon=True)
     watcher.start()
     try:
         yield found  # [(the compile thread's id, its niceness before)], if it was found

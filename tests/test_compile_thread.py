@@ -137,3 +137,15 @@ def test_nothing_is_reniced_when_the_compile_ends_before_a_thread_stands_out(mon
     with P.compile_thread_yields() as found:
         pass
     assert found == []
+
+
+def test_an_unreadable_proc_leaves_the_compile_alone(monkeypatch):
+    def unreadable():
+        raise PermissionError("/proc/self/task")
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    monkeypatch.setattr(P, "thread_cpu_ticks", unreadable)
+    with P.compile_thread_yields() as found:
+        P.time.sleep(0.05)
+    assert found == [] and errors == []
