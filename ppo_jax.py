@@ -2205,10 +2205,13 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     else:  # XLA compiles init while Python traces and lowers run, from init's output shapes
         keys = seed_keys(config)
         init = runner.init.lower(keys)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
             init_compiled = pool.submit(init.compile)
             lowered = runner.run.lower(jax.eval_shape(runner.init, keys))
             loop = init_compiled.result()(keys)
+        finally:
+            pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not after the compile
     first = loop.updates_done
     if progress is not None:
         progress.last_update = first

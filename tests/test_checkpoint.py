@@ -157,6 +157,23 @@ def test_first_ctrl_c_stops_after_the_update_saves_and_exits_130(ctrl_c):
     assert len(rows) == stopped.updates_done
 
 
+def test_ctrl_c_while_compiling_exits_130_and_leaves_no_folder(tmp_path):
+    """Before training starts (init compiling in a thread, run being lowered) Ctrl-C has
+    nothing to save: one line, exit code 130, and the new folder is gone."""
+    run = tmp_path / "run"
+    proc = cli(*TINY, "--out", str(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not (run / "config.json").exists() and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the compile
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted; nothing was saved"
+    assert "Traceback" not in stderr and not run.exists()
+
+
 def test_resume_after_ctrl_c_finishes_and_keeps_the_metrics_so_far(ctrl_c):
     assert ctrl_c["code"] == 130, ctrl_c["stderr"][-3000:]
     resume = ctrl_c["resume"]
