@@ -2047,7 +2047,7 @@ def compile_thread_yields():
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         yield []
         return
-    done, found, tick = threading.Event(), [], os.sysconf("SC_CLK_TCK")
+    done, found, per_second = threading.Event(), [], os.sysconf("SC_CLK_TCK")
 
     def renice() -> None:
         start, machine, threads = time.perf_counter(), machine_busy_ticks(), thread_cpu_ticks()
@@ -2057,12 +2057,12 @@ def compile_thread_yields():
             xla = {tid: ticks for tid, ticks in used.items() if tid not in python}
             tid = max(xla, key=xla.get, default=None)
             runner_up = max((ticks for other, ticks in xla.items() if other != tid), default=0)
-            if tid is not None and xla[tid] >= max(0.1 * tick, 2 * runner_up):
+            if tid is not None and xla[tid] >= max(0.1 * per_second, 2 * runner_up):
                 break
         else:
             return  # compiled before one thread stood out
         others = machine_busy_ticks() - machine - sum(used.values())
-        if others >= 0.5 * tick * (time.perf_counter() - start):
+        if others >= 0.5 * per_second * (time.perf_counter() - start):
             return
         niceness = os.getpriority(os.PRIO_PROCESS, tid)
         if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
@@ -2202,13 +2202,13 @@ def train_and_save(config: Config, out: str, start: float) -> int:
             raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing "
                                   f"to resume (evaluate it with: python ppo_jax.py eval {out})")
         lowered = runner.run.lower(loop)
-    else:  # XLA compiles init while Python traces and lowers run, from init's output shapes
+    else:  # XLA compiles init while Python traces and lowers run (from init's output shapes)
         keys = seed_keys(config)
         init = runner.init.lower(keys)
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
             init_compiled = pool.submit(init.compile)
-            lowered = runner.run.lower(jax.eval_shape(runner.init, keys))
+            lowered = runner.run.lower(init.out_info)
             loop = init_compiled.result()(keys)
         finally:
             pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not after the compile
