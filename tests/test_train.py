@@ -159,3 +159,27 @@ def test_init_compiled_without_fusion_emitters_gives_the_same_state_bitwise():
     for want, got in zip(jax.tree.leaves(P.keys_to_data(reference)),
                          jax.tree.leaves(P.keys_to_data(state)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_run_compiled_for_one_thread_gives_the_same_loop_bitwise(monkeypatch):
+    """On one XLA thread, run is compiled with copy insertion's region analysis (fewer
+    copies of the loop state, so faster); it must train exactly as XLA's default does."""
+    monkeypatch.setenv("PJRT_NPROC", "1")
+    assert P.cpu_compile_options()["xla_cpu_copy_insertion_use_region_analysis"]
+    monkeypatch.setenv("PJRT_NPROC", "2")
+    assert "xla_cpu_copy_insertion_use_region_analysis" not in P.cpu_compile_options()
+    assert "xla_cpu_copy_insertion_use_region_analysis" not in P.cpu_compile_options(True)
+
+    config = tiny_config()
+    runner = P.make_runner(config)  # built for two threads: XLA's default copy insertion
+    loop = runner.init(P.seed_keys(config))
+    lowered = runner.run.lower(loop)
+    default, one_thread = (lowered.compile(), lowered.compile(
+        {"xla_cpu_copy_insertion_use_region_analysis": True}))
+    assert default.as_text().count(" copy(") > one_thread.as_text().count(" copy(")
+    default, one_thread = default(loop), one_thread(loop)
+    assert int(default.updates_done) == config.num_updates
+    for want, got in zip(jax.tree.leaves(P.keys_to_data(default)),
+                         jax.tree.leaves(P.keys_to_data(one_thread)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
