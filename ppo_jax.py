@@ -37,13 +37,17 @@ import dataclasses
 import difflib
 import functools
 import gc
+import hashlib
 import importlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
+import platform
 import signal
 import sys
 import threading
@@ -1239,6 +1243,13 @@ class Loop(struct.PyTreeNode):
         return {k: np.asarray(v)[:done].T for k, v in self.history.items()}
 
 
+def report_to_host(on_report, done, episode_return):
+    """make_runner's progress call: on_report(updates done, episode_return [S]) -> (the next
+    update to report at, whether to stop)."""
+    result = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), bool))
+    return io_callback(on_report, result, done, episode_return)
+
+
 class Runner(NamedTuple):
     """Two jitted programs: init(keys, hparams=None) -> Loop, and run(loop, hparams=None) ->
     Loop, which trains until the last update or a stop. A resumed run calls the same `run`
@@ -1333,9 +1344,7 @@ def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
             jax.lax.cond(due, lambda: io_callback(on_checkpoint, None, keys_to_data(loop)),
                          lambda: None)
         if on_report is not None:
-            report = lambda: io_callback(
-                on_report, (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), bool)),
-                done, metrics["episode_return"])
+            report = lambda: report_to_host(on_report, done, metrics["episode_return"])
             next_report, stop = jax.lax.cond(
                 (done >= next_report) | (done == config.num_updates) | ~ok, report,
                 lambda: (next_report, jnp.array(False)))
@@ -2024,6 +2033,145 @@ def cache_programs_with_host_calls() -> None:
     compiler.compile_or_get_cached = compile_or_load
 
 
+# The program store. JAX's cache is keyed by a program's lowered text, so a second
+# identical run still traced and lowered init and run (about 2 s of a 7 s run) only to find
+# its key. The command line also keeps both compiled programs, as
+# jax.experimental.serialize_executable pickles them, under a key computed before anything
+# is traced: what the programs are made from. Like JAX's cache, the store holds machine code
+# and trusts whoever can write its folder.
+
+
+def programs_key(config: Config) -> str | None:
+    """The key of a run's compiled init and run in the program store, known before anything
+    is traced; None where the store does not apply.
+
+    What makes the two programs: this file, the libraries that trace and compile them (by
+    version), the config (less where its outputs go), JAX's settings, XLA's flags and
+    thread count, and the machine. An env given as 'module:Class' is not covered (its code
+    is outside this file and has no version), nor --save-every (its checkpoint call takes
+    the whole state), nor a resume. jax 0.10 and CPU only, like
+    cache_programs_with_host_calls."""
+    if (not jax.__version__.startswith("0.10.") or jax.default_backend() != "cpu"
+            or ":" in config.env or config.save_every or config.resume):
+        return None
+    from importlib import metadata
+
+    with open(__file__, "rb") as f:
+        source = f.read()
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):  # XLA compiles for this CPU's instruction set
+        with open("/proc/cpuinfo") as f:
+            cpu = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    versions = [metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "gymnax",
+                                                     "chex", "numpy")]
+    made_by = [hashlib.sha256(source).hexdigest(), __name__, sys.version, versions,
+               config_json(dataclasses.replace(config, out="")),
+               sorted((k, repr(v)) for k, v in jax.config.values.items()),
+               os.environ.get("XLA_FLAGS", ""), xla_cpu_threads(),
+               jax.devices()[0].client.platform_version, cpu]
+    return hashlib.sha256(repr(made_by).encode()).hexdigest()[:40]
+
+
+def report_host_calls(on_report, config: Config) -> list:
+    """The host call that make_runner's `run` makes for on_report, built as JAX builds it:
+    by lowering report_to_host alone (milliseconds, against seconds for `run`)."""
+    lowered = jax.jit(functools.partial(report_to_host, on_report)).lower(
+        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((config.num_runs,), jnp.float32))
+    return lowered._lowering.compile_args["host_callbacks"]
+
+
+def programs_path(key: str) -> str:
+    return os.path.join(jax.config.jax_compilation_cache_dir, "programs", f"{key}.pickle")
+
+
+class ProgramPickler(pickle.Pickler):
+    """Pickles a compiled program as jax.experimental.serialize_executable does, with its
+    host calls left out: the loader gives it this process's."""
+
+    def __init__(self, file, host_calls):
+        super().__init__(file)
+        self.host_calls = host_calls
+
+    def persistent_id(self, obj):
+        from jax._src.lib import xla_client
+
+        if isinstance(obj, xla_client.LoadedExecutable):
+            return ("executable", obj.client.serialize_executable(obj))
+        if isinstance(obj, xla_client.Device):
+            return ("device", obj.id)
+        if isinstance(obj, xla_client.Client):
+            return ("client",)
+        if any(obj is call for call in self.host_calls):
+            return ("host call", next(i for i, c in enumerate(self.host_calls) if c is obj))
+        return None
+
+
+class ProgramUnpickler(pickle.Unpickler):
+    def __init__(self, file, host_calls):
+        super().__init__(file)
+        self.host_calls, self.client = host_calls, jax.devices()[0].client
+
+    def persistent_load(self, pid):
+        from jax._src.lib import xla_client
+
+        kind, *rest = pid
+        if kind == "executable":
+            devices = xla_client.DeviceList(tuple(self.client.devices()))
+            return self.client.deserialize_executable(rest[0], executable_devices=devices,
+                                                      host_callbacks=self.host_calls)
+        if kind == "device":
+            return next(d for d in self.client.devices() if d.id == rest[0])
+        if kind == "client":
+            return self.client
+        return self.host_calls[rest[0]]
+
+
+def save_programs(key: str, programs: dict) -> None:
+    """Keep {name: jax.stages.Compiled} in the program store, for load_programs. A store
+    that cannot be written costs the next run its tracing, nothing more."""
+    try:
+        payload = {}
+        for name, compiled in programs.items():
+            unloaded = compiled._executable._unloaded_executable
+            with io.BytesIO() as f:
+                ProgramPickler(f, unloaded.host_callbacks).dump(
+                    (unloaded, jax.tree.leaves(compiled.args_info), compiled._no_kwargs))
+                payload[name] = (f.getvalue(), len(unloaded.host_callbacks),
+                                 jax.tree.structure(compiled.args_info), compiled.out_tree)
+        os.makedirs(os.path.dirname(programs_path(key)), exist_ok=True)
+        write_atomic(programs_path(key), pickle.dumps(payload))
+    except Exception as error:
+        warnings.warn(f"the compiled programs were not stored ({error})")
+
+
+def load_programs(key: str, host_calls: dict) -> dict | None:
+    """The programs save_programs kept under `key`, each loaded with this process's host
+    calls ({name: list}), or None if there are none (or they cannot be read: then the entry
+    is removed, and the run traces and compiles as usual)."""
+    path = programs_path(key)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            payload = pickle.load(f)
+        programs = {}
+        for name, (data, calls, in_tree, out_tree) in payload.items():
+            if calls != len(host_calls[name]):
+                raise ValueError(f"{name} makes {calls} host calls, not {len(host_calls[name])}")
+            unloaded, args_info, no_kwargs = ProgramUnpickler(io.BytesIO(data),
+                                                               host_calls[name]).load()
+            programs[name] = jax.stages.Compiled(unloaded.load(), [],
+                                                 in_tree.unflatten(args_info), out_tree,
+                                                 no_kwargs=no_kwargs)
+        return programs
+    except Exception as error:
+        warnings.warn(f"compiling again: the stored programs {path} could not be loaded "
+                      f"({error})")
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+
+
 COMPILE_THREAD_NICENESS = 10
 
 
@@ -2213,12 +2361,17 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     runner = make_runner(config, on_report=progress,
                          on_checkpoint=save if config.save_every else None)
     t0 = time.perf_counter()
+    key = programs_key(config) if config.compile_cache else None
+    host_calls = {"init": [], "run": [] if progress is None else report_host_calls(progress, config)}
+    stored = None if key is None else load_programs(key, host_calls)
     if config.resume:
         loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
         if loop.updates_done >= config.num_updates:
             raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing "
                                   f"to resume (evaluate it with: python ppo_jax.py eval {out})")
         lowered = runner.run.lower(loop)
+    elif stored:  # a second identical run: nothing to trace, lower or compile
+        loop = stored["init"](seed_keys(config))
     else:  # XLA compiles init while Python traces and lowers run (from init's output shapes)
         keys = seed_keys(config)
         init = runner.init.lower(keys)
@@ -2226,7 +2379,8 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         try:
             init_compiled = pool.submit(init.compile)
             lowered = runner.run.lower(init.out_info)
-            loop = init_compiled.result()(keys)
+            init_compiled = init_compiled.result()
+            loop = init_compiled(keys)
         finally:
             pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not after the compile
     first = loop.updates_done
@@ -2235,8 +2389,13 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     if config.tensorboard:  # turned on at a resume: write the earlier updates too
         fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
         tensorboard = TensorBoard(config, out, 0 if fresh else first)
-    with compile_thread_yields():
-        compiled = lowered.compile()
+    if stored:
+        compiled = stored["run"]
+    else:
+        with compile_thread_yields():
+            compiled = lowered.compile()
+        if key is not None:
+            save_programs(key, {"init": init_compiled, "run": compiled})
     t1 = time.perf_counter()
     # While XLA trains, this thread only waits (without the GIL), and a small run leaves a
     # core idle: import what the plots need meanwhile, not after.

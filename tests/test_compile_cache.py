@@ -1,14 +1,20 @@
 """The persistent compilation cache keeps programs with host calls: a second process loads
 the training loop, progress callback included, instead of compiling it; and `eval` of a
-run that used the cache keeps its program there too."""
+run that used the cache keeps its program there too. The command line's program store lets
+a second identical run skip tracing as well."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import ppo_jax as P
+from helpers import tiny_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -125,3 +131,46 @@ print(float(f(jnp.float32(3))), seen)
 def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
     printed = run_python(["-c", CALLBACK_FIRST], "/proc/ppo_jax_no_such_cache")
     assert printed.splitlines()[-1] == "7.0 [3.0]"
+
+
+TINY_CLI = ["ppo_jax.py", "--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "32",
+            "--update-epochs", "2", "--num-minibatches", "2", "--hidden-sizes", "16", "16",
+            "--no-diagnostics"]
+
+
+def train_cli(cache_home, out) -> set:
+    """Train the tiny config through the command line; the programs it traced, by name."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "JAX_LOG_COMPILES": "1"}
+    result = subprocess.run([sys.executable, *TINY_CLI, "--out", str(out)], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2.05k/2.05k" in result.stderr  # the progress bar, fed by run's host call
+    return set(re.findall(r"Finished tracing (\w+) for jit", result.stderr)), result.stderr
+
+
+def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_path):
+    home, runs = tmp_path / "home", [tmp_path / name for name in ("first", "second", "third")]
+    traced, _ = train_cli(home, runs[0])
+    assert {"init", "run"} <= traced
+    stored = list((home / "ppo_jax" / "programs").iterdir())
+    assert len(stored) == 1
+    traced, _ = train_cli(home, runs[1])
+    assert not {"init", "run"} & traced
+    # A damaged entry: traced again (and compiled, or loaded from JAX's cache), and replaced.
+    stored[0].write_bytes(b"not a pickle")
+    traced, stderr = train_cli(home, runs[2])
+    assert {"init", "run"} <= traced and "could not be loaded" in stderr
+    assert stored[0].read_bytes() != b"not a pickle"
+    for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
+        assert len({(run / name).read_bytes() for run in runs}) == 1, name
+
+
+def test_the_store_key_is_what_makes_the_programs():
+    config = tiny_config()
+    key = P.programs_key(config)
+    assert key == P.programs_key(dataclasses.replace(config, out="elsewhere"))
+    assert key != P.programs_key(dataclasses.replace(config, seed=1))
+    assert key != P.programs_key(dataclasses.replace(config, quiet=True))  # no host call then
+    for uncovered in (dict(env="test_learning:AlwaysTruncated"), dict(save_every=2),
+                      dict(resume="runs/x")):
+        assert P.programs_key(dataclasses.replace(config, **uncovered)) is None, uncovered
