@@ -1573,6 +1573,30 @@ class Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def ctrl_c_not_lost():
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is, and inside a garbage
+    collector callback (JAX registers one, and tracing collects often) Python prints it as
+    "Exception ignored" and drops it: the run went on to train. Here each Ctrl-C is also
+    noted, and one that was dropped is raised again when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:  # reached only if no KeyboardInterrupt left the block
+        raise KeyboardInterrupt
+
+
 def run_stoppable(progress: Progress | None, fn):
     """fn(), where the first Ctrl-C asks the training loop to stop after the current update
     (it is then checkpointed) and a second one aborts at once.
@@ -2361,41 +2385,44 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     runner = make_runner(config, on_report=progress,
                          on_checkpoint=save if config.save_every else None)
     t0 = time.perf_counter()
-    key = programs_key(config) if config.compile_cache else None
-    host_calls = {"init": [], "run": [] if progress is None else report_host_calls(progress, config)}
-    stored = None if key is None else load_programs(key, host_calls)
-    if config.resume:
-        loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
-        if loop.updates_done >= config.num_updates:
-            raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing "
-                                  f"to resume (evaluate it with: python ppo_jax.py eval {out})")
-        lowered = runner.run.lower(loop)
-    elif stored:  # a second identical run: nothing to trace, lower or compile
-        loop = stored["init"](seed_keys(config))
-    else:  # XLA compiles init while Python traces and lowers run (from init's output shapes)
-        keys = seed_keys(config)
-        init = runner.init.lower(keys)
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        try:
-            init_compiled = pool.submit(init.compile)
-            lowered = runner.run.lower(init.out_info)
-            init_compiled = init_compiled.result()
-            loop = init_compiled(keys)
-        finally:
-            pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not after the compile
-    first = loop.updates_done
-    if progress is not None:
-        progress.last_update = first
-    if config.tensorboard:  # turned on at a resume: write the earlier updates too
-        fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
-        tensorboard = TensorBoard(config, out, 0 if fresh else first)
-    if stored:
-        compiled = stored["run"]
-    else:
-        with compile_thread_yields():
-            compiled = lowered.compile()
-        if key is not None:
-            save_programs(key, {"init": init_compiled, "run": compiled})
+    with ctrl_c_not_lost():  # from here until training, Ctrl-C leaves
+        key = programs_key(config) if config.compile_cache else None
+        host_calls = {"init": [], "run": [] if progress is None
+                      else report_host_calls(progress, config)}
+        stored = None if key is None else load_programs(key, host_calls)
+        if config.resume:
+            loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
+            if loop.updates_done >= config.num_updates:
+                raise CheckpointError(
+                    f"{out} finished all {config.num_updates} updates; nothing to resume "
+                    f"(evaluate it with: python ppo_jax.py eval {out})")
+            lowered = runner.run.lower(loop)
+        elif stored:  # a second identical run: nothing to trace, lower or compile
+            loop = stored["init"](seed_keys(config))
+        else:  # XLA compiles init while Python traces and lowers run (from init's outputs)
+            keys = seed_keys(config)
+            init = runner.init.lower(keys)
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            try:
+                init_compiled = pool.submit(init.compile)
+                lowered = runner.run.lower(init.out_info)
+                init_compiled = init_compiled.result()
+                loop = init_compiled(keys)
+            finally:
+                pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not later
+        first = loop.updates_done
+        if progress is not None:
+            progress.last_update = first
+        if config.tensorboard:  # turned on at a resume: write the earlier updates too
+            fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
+            tensorboard = TensorBoard(config, out, 0 if fresh else first)
+        if stored:
+            compiled = stored["run"]
+        else:
+            with compile_thread_yields():
+                compiled = lowered.compile()
+            if key is not None:
+                save_programs(key, {"init": init_compiled, "run": compiled})
     t1 = time.perf_counter()
     # While XLA trains, this thread only waits (without the GIL), and a small run leaves a
     # core idle: import what the plots need meanwhile, not after.

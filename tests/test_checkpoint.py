@@ -2,6 +2,7 @@
 one line, and a non-finite update stops training on the last good state."""
 
 import contextlib
+import gc
 import io
 import json
 import shutil
@@ -172,6 +173,27 @@ def test_ctrl_c_while_compiling_exits_130_and_leaves_no_folder(tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "interrupted; nothing was saved"
     assert "Traceback" not in stderr and not run.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_python_drops_in_a_gc_callback_is_raised_again():
+    """What a garbage-collector callback raises, Python prints and drops: a Ctrl-C that
+    lands in JAX's callback while the CLI traces must still stop the run."""
+    fired = []
+
+    def press_ctrl_c_while_collecting(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            signal.raise_signal(signal.SIGINT)
+
+    gc.callbacks.append(press_ctrl_c_while_collecting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with P.ctrl_c_not_lost():
+                gc.collect()
+                assert fired  # the interrupt was raised and dropped inside the callback
+    finally:
+        gc.callbacks.remove(press_ctrl_c_while_collecting)
 
 
 def test_resume_after_ctrl_c_finishes_and_keeps_the_metrics_so_far(ctrl_c):
