@@ -2059,8 +2059,8 @@ def cache_programs_with_host_calls() -> None:
 
 # The program store. JAX's cache is keyed by a program's lowered text, so a second
 # identical run still traced and lowered init and run (about 2 s of a 7 s run) only to find
-# its key. The command line also keeps both compiled programs, as
-# jax.experimental.serialize_executable pickles them, under a key computed before anything
+# its key. The command line also keeps both compiled programs, pickled by
+# jax.experimental.serialize_executable's pickler, under a key computed before anything
 # is traced: what the programs are made from. Like JAX's cache, the store holds machine code
 # and trusts whoever can write its folder.
 
@@ -2108,62 +2108,64 @@ def programs_path(key: str) -> str:
     return os.path.join(jax.config.jax_compilation_cache_dir, "programs", f"{key}.pickle")
 
 
-class ProgramPickler(pickle.Pickler):
-    """Pickles a compiled program as jax.experimental.serialize_executable does, with its
-    host calls left out: the loader gives it this process's."""
+def program_picklers():
+    """jax.experimental.serialize_executable's pickler and unpickler, extended to leave a
+    program's host calls out and hand it this process's when it is loaded."""
+    from jax.experimental import serialize_executable
 
-    def __init__(self, file, host_calls):
-        super().__init__(file)
-        self.host_calls = host_calls
+    class Pickler(serialize_executable._JaxPjrtPickler):
+        def __init__(self, file, host_calls):
+            super().__init__(file)
+            self.host_calls = host_calls
 
-    def persistent_id(self, obj):
-        from jax._src.lib import xla_client
+        def persistent_id(self, obj):
+            for index, call in enumerate(self.host_calls):
+                if obj is call:
+                    return ("host call", index)
+            return super().persistent_id(obj)
 
-        if isinstance(obj, xla_client.LoadedExecutable):
-            return ("executable", obj.client.serialize_executable(obj))
-        if isinstance(obj, xla_client.Device):
-            return ("device", obj.id)
-        if isinstance(obj, xla_client.Client):
-            return ("client",)
-        if any(obj is call for call in self.host_calls):
-            return ("host call", next(i for i, c in enumerate(self.host_calls) if c is obj))
-        return None
+    class Unpickler(serialize_executable._JaxPjrtUnpickler):
+        def __init__(self, file, host_calls):
+            super().__init__(file, jax.devices()[0].client)
+            self.host_calls = host_calls
+
+        def persistent_load(self, pid):
+            if pid[0] == "host call":
+                return self.host_calls[pid[1]]
+            if pid[0] == "exec":  # as serialize_executable loads it, with the host calls
+                return self.backend.deserialize_executable(
+                    pid[1], executable_devices=self.execution_devices,
+                    host_callbacks=self.host_calls)
+            return super().persistent_load(pid)
+
+    return Pickler, Unpickler
 
 
-class ProgramUnpickler(pickle.Unpickler):
-    def __init__(self, file, host_calls):
-        super().__init__(file)
-        self.host_calls, self.client = host_calls, jax.devices()[0].client
+class StoredProgram(NamedTuple):
+    """One compiled program in the program store."""
 
-    def persistent_load(self, pid):
-        from jax._src.lib import xla_client
-
-        kind, *rest = pid
-        if kind == "executable":
-            devices = xla_client.DeviceList(tuple(self.client.devices()))
-            return self.client.deserialize_executable(rest[0], executable_devices=devices,
-                                                      host_callbacks=self.host_calls)
-        if kind == "device":
-            return next(d for d in self.client.devices() if d.id == rest[0])
-        if kind == "client":
-            return self.client
-        return self.host_calls[rest[0]]
+    pickled: bytes  # the unloaded executable, its argument shapes and no_kwargs
+    host_calls: int  # how many host calls the loader must hand it
+    in_tree: Any
+    out_tree: Any
 
 
 def save_programs(key: str, programs: dict) -> None:
     """Keep {name: jax.stages.Compiled} in the program store, for load_programs. A store
     that cannot be written costs the next run its tracing, nothing more."""
+    Pickler, _ = program_picklers()
     try:
-        payload = {}
+        stored = {}
         for name, compiled in programs.items():
             unloaded = compiled._executable._unloaded_executable
             with io.BytesIO() as f:
-                ProgramPickler(f, unloaded.host_callbacks).dump(
+                Pickler(f, unloaded.host_callbacks).dump(
                     (unloaded, jax.tree.leaves(compiled.args_info), compiled._no_kwargs))
-                payload[name] = (f.getvalue(), len(unloaded.host_callbacks),
-                                 jax.tree.structure(compiled.args_info), compiled.out_tree)
+                stored[name] = StoredProgram(f.getvalue(), len(unloaded.host_callbacks),
+                                             jax.tree.structure(compiled.args_info),
+                                             compiled.out_tree)
         os.makedirs(os.path.dirname(programs_path(key)), exist_ok=True)
-        write_atomic(programs_path(key), pickle.dumps(payload))
+        write_atomic(programs_path(key), pickle.dumps(stored))
     except Exception as error:
         warnings.warn(f"the compiled programs were not stored ({error})")
 
@@ -2175,18 +2177,19 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
     path = programs_path(key)
     if not os.path.exists(path):
         return None
+    _, Unpickler = program_picklers()
     try:
         with open(path, "rb") as f:
-            payload = pickle.load(f)
+            stored = pickle.load(f)
         programs = {}
-        for name, (data, calls, in_tree, out_tree) in payload.items():
-            if calls != len(host_calls[name]):
-                raise ValueError(f"{name} makes {calls} host calls, not {len(host_calls[name])}")
-            unloaded, args_info, no_kwargs = ProgramUnpickler(io.BytesIO(data),
-                                                               host_calls[name]).load()
+        for name, program in stored.items():
+            calls = host_calls[name]
+            if program.host_calls != len(calls):
+                raise ValueError(f"{name} makes {program.host_calls} host calls, not {len(calls)}")
+            unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(program.pickled), calls).load()
             programs[name] = jax.stages.Compiled(unloaded.load(), [],
-                                                 in_tree.unflatten(args_info), out_tree,
-                                                 no_kwargs=no_kwargs)
+                                                 program.in_tree.unflatten(args_info),
+                                                 program.out_tree, no_kwargs=no_kwargs)
         return programs
     except Exception as error:
         warnings.warn(f"compiling again: the stored programs {path} could not be loaded "
@@ -2387,9 +2390,8 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     t0 = time.perf_counter()
     with ctrl_c_not_lost():  # from here until training, Ctrl-C leaves
         key = programs_key(config) if config.compile_cache else None
-        host_calls = {"init": [], "run": [] if progress is None
-                      else report_host_calls(progress, config)}
-        stored = None if key is None else load_programs(key, host_calls)
+        stored = None if key is None else load_programs(key, {
+            "init": [], "run": [] if progress is None else report_host_calls(progress, config)})
         if config.resume:
             loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
             if loop.updates_done >= config.num_updates:
@@ -2404,9 +2406,9 @@ def train_and_save(config: Config, out: str, start: float) -> int:
             init = runner.init.lower(keys)
             pool = concurrent.futures.ThreadPoolExecutor(1)
             try:
-                init_compiled = pool.submit(init.compile)
+                compiling_init = pool.submit(init.compile)
                 lowered = runner.run.lower(init.out_info)
-                init_compiled = init_compiled.result()
+                init_compiled = compiling_init.result()
                 loop = init_compiled(keys)
             finally:
                 pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not later
