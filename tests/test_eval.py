@@ -49,14 +49,10 @@ def evaluated(tiny_run, tmp_path_factory):
     return dict(run=run, code=code, stdout=stdout, stderr=stderr)
 
 
-@pytest.fixture(scope="module")
-def cartpole_run(tmp_path_factory):
-    """The CartPole-v1 preset, trained once for the file (~8 s; reaches 500)."""
-    out = tmp_path_factory.mktemp("cartpole") / "run"
-    code, _, err = main_in_process(["--env", "CartPole-v1", "--out", str(out), "--quiet",
-                                    "--no-compile-cache"])
-    assert code == 0, err
-    return out
+@pytest.fixture
+def cartpole_run(cartpole_preset_run):
+    """The CartPole-v1 preset, trained once for the session (conftest.py; reaches 500)."""
+    return cartpole_preset_run
 
 
 def test_eval_prints_both_policies_for_every_seed_and_writes_eval_json(evaluated):

@@ -56,8 +56,12 @@ def final_return(config):
     return P.final_returns(metrics)
 
 
-def test_cartpole_preset_is_solved():
-    returns = final_return(P.preset_config("CartPole-v1", num_seeds=2))
+def test_cartpole_preset_is_solved(cartpole_preset_run):
+    # Trained by the command line (conftest.py); make_train computes the same loop
+    # (test_train.py::test_runner_equals_vmapped_train_and_reports_progress).
+    config, loop = P.load_run(str(cartpole_preset_run))
+    assert config.num_seeds == 2 and loop.updates_done == config.num_updates
+    returns = P.final_returns(loop.metrics())
     assert (returns >= 475).all(), returns
 
 
