@@ -1988,6 +1988,9 @@ def set_cpu_threads(config: Config) -> None:
 
 
 CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
+# The most each part of ~/.cache/ppo_jax may hold; the least recently used entries go first.
+CACHE_MAX_BYTES = 1 << 30  # JAX's compilation cache (its own eviction; it needs filelock)
+PROGRAMS_MAX_BYTES = 512 << 20  # the program store (evict_programs)
 
 
 def enable_compile_cache() -> None:
@@ -1996,6 +1999,8 @@ def enable_compile_cache() -> None:
                          "ppo_jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    if importlib.util.find_spec("filelock"):  # else JAX refuses a bounded cache: unbounded
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     cache_programs_with_host_calls()
 
 
@@ -2166,8 +2171,28 @@ def save_programs(key: str, programs: dict) -> None:
                                              compiled.out_tree)
         os.makedirs(os.path.dirname(programs_path(key)), exist_ok=True)
         write_atomic(programs_path(key), pickle.dumps(stored))
+        evict_programs(os.path.dirname(programs_path(key)))
     except Exception as error:
         warnings.warn(f"the compiled programs were not stored ({error})")
+
+
+def evict_programs(folder: str, max_bytes: int | None = None) -> None:
+    """Remove the store's least recently used entries (by modification time, which
+    load_programs refreshes) until the rest fit in max_bytes (PROGRAMS_MAX_BYTES)."""
+    max_bytes = PROGRAMS_MAX_BYTES if max_bytes is None else max_bytes
+    entries = []
+    for name in os.listdir(folder):
+        with contextlib.suppress(OSError):  # removed meanwhile by another run
+            if name.endswith(".pickle"):
+                info = os.stat(os.path.join(folder, name))
+                entries.append((info.st_mtime, info.st_size, name))
+    total = sum(size for _, size, _ in entries)
+    for _, size, name in sorted(entries):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+        total -= size
 
 
 def load_programs(key: str, host_calls: dict) -> dict | None:
@@ -2190,6 +2215,8 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
             programs[name] = jax.stages.Compiled(unloaded.load(), [],
                                                  program.in_tree.unflatten(args_info),
                                                  program.out_tree, no_kwargs=no_kwargs)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: evicted last
         return programs
     except Exception as error:
         warnings.warn(f"compiling again: the stored programs {path} could not be loaded "

@@ -154,8 +154,10 @@ def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_pat
     assert {"init", "run"} <= traced
     stored = list((home / "ppo_jax" / "programs").iterdir())
     assert len(stored) == 1
+    os.utime(stored[0], (1e9, 1e9))  # long unused
     traced, _ = train_cli(home, runs[1])
     assert not {"init", "run"} & traced
+    assert stored[0].stat().st_mtime > 1e9  # loading marks it used: evicted last
     for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
         assert runs[0].joinpath(name).read_bytes() == runs[1].joinpath(name).read_bytes(), name
     # A damaged entry is removed with a warning, and the run then traces as usual (as the
@@ -165,6 +167,40 @@ def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_pat
     with pytest.warns(UserWarning, match="could not be loaded"):
         assert P.load_programs("damaged", {"init": [], "run": []}) is None
     assert not stored[0].exists()
+
+
+def test_the_store_evicts_its_least_recently_used_entries_beyond_its_size(tmp_path):
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / f"{name}.pickle"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1e9 - age, 1e9 - age))
+    (tmp_path / "other.tmp").write_bytes(b"x" * 1000)  # not an entry: left alone
+    P.evict_programs(str(tmp_path), max_bytes=300)
+    assert len(list(tmp_path.iterdir())) == 4
+    P.evict_programs(str(tmp_path), max_bytes=250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle.pickle", "newest.pickle",
+                                                           "other.tmp"]
+    P.evict_programs(str(tmp_path), max_bytes=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["other.tmp"]
+
+
+def test_the_compilation_cache_is_bounded(tmp_path, monkeypatch):
+    # What main() sets; JAX then evicts beyond it (it needs filelock). Set back afterwards,
+    # so that the rest of the suite compiles without a cache, as before.
+    import filelock  # noqa: F401  (in requirements.txt)
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_compilation_cache_max_size")
+    before = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        P.enable_compile_cache()
+        assert jax.config.jax_compilation_cache_max_size == P.CACHE_MAX_BYTES > 0
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "ppo_jax")
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
 
 
 def test_the_store_key_is_what_makes_the_programs():
