@@ -2155,9 +2155,40 @@ class StoredProgram(NamedTuple):
     out_tree: Any
 
 
-def save_programs(key: str, programs: dict) -> None:
-    """Keep {name: jax.stages.Compiled} in the program store, for load_programs. A store
-    that cannot be written costs the next run its tracing, nothing more."""
+@contextlib.contextmanager
+def compiled_afresh():
+    """Inside, XLA compiles every program itself, without JAX's persistent cache; yields
+    the list of what it compiled. For the program store: a program loaded from JAX's cache
+    pickles without its kernels, and run from the store it failed ("Function iota.5_kernel
+    not found"). That happened whenever the store had no entry but JAX's cache had the
+    programs: after the store evicted one, or when the store's key changed but the programs
+    did not (a JAX setting, another numpy). Such a run now compiles, as a cold one does."""
+    from jax._src import compiler
+
+    cached, fresh = compiler.compile_or_get_cached, []
+
+    def compile_here(backend, module, devices, options, host_callbacks, executable_devices,
+                     *rest, **named):
+        executable = compiler.backend_compile_and_load(backend, module, executable_devices,
+                                                       options, host_callbacks)
+        fresh.append(executable)
+        return executable
+
+    compiler.compile_or_get_cached = compile_here
+    try:
+        yield fresh
+    finally:
+        compiler.compile_or_get_cached = cached
+
+
+def save_programs(key: str, programs: dict, fresh: list) -> None:
+    """Keep {name: jax.stages.Compiled} in the program store, for load_programs, if XLA
+    compiled each of them in this process (`fresh`, from compiled_afresh). A store that
+    cannot be written costs the next run its tracing, nothing more."""
+    compiled_here = lambda c: any(c._executable.xla_executable is e for e in fresh)
+    if not all(compiled_here(compiled) for compiled in programs.values()):
+        warnings.warn("the compiled programs were not stored: they were not compiled here")
+        return
     Pickler, _ = program_picklers()
     try:
         stored = {}
@@ -2415,10 +2446,11 @@ def train_and_save(config: Config, out: str, start: float) -> int:
     runner = make_runner(config, on_report=progress,
                          on_checkpoint=save if config.save_every else None)
     t0 = time.perf_counter()
-    with ctrl_c_not_lost():  # from here until training, Ctrl-C leaves
+    with ctrl_c_not_lost(), contextlib.ExitStack() as stack:  # Ctrl-C leaves until training
         key = programs_key(config) if config.compile_cache else None
         stored = None if key is None else load_programs(key, {
             "init": [], "run": [] if progress is None else report_host_calls(progress, config)})
+        fresh = [] if key is None or stored else stack.enter_context(compiled_afresh())
         if config.resume:
             loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
             if loop.updates_done >= config.num_updates:
@@ -2451,7 +2483,7 @@ def train_and_save(config: Config, out: str, start: float) -> int:
             with compile_thread_yields():
                 compiled = lowered.compile()
             if key is not None:
-                save_programs(key, {"init": init_compiled, "run": compiled})
+                save_programs(key, {"init": init_compiled, "run": compiled}, fresh)
     t1 = time.perf_counter()
     # While XLA trains, this thread only waits (without the GIL), and a small run leaves a
     # core idle: import what the plots need meanwhile, not after.

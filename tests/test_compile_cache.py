@@ -138,10 +138,20 @@ TINY_CLI = ["ppo_jax.py", "--total-timesteps", "2048", "--num-envs", "4", "--num
             "--no-diagnostics"]
 
 
-def train_cli(cache_home, out) -> set:
+# The command line with the program store turned off: it compiles through JAX's cache only.
+WITHOUT_STORE = """
+import sys
+import ppo_jax as P
+P.programs_key = lambda config: None
+sys.exit(P.main(sys.argv[1:]))
+"""
+
+
+def train_cli(cache_home, out, store: bool = True) -> set:
     """Train the tiny config through the command line; the programs it traced, by name."""
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "JAX_LOG_COMPILES": "1"}
-    result = subprocess.run([sys.executable, *TINY_CLI, "--out", str(out)], capture_output=True,
+    command = TINY_CLI if store else ["-c", WITHOUT_STORE, *TINY_CLI[1:]]
+    result = subprocess.run([sys.executable, *command, "--out", str(out)], capture_output=True,
                             text=True, timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2.05k/2.05k" in result.stderr  # the progress bar, fed by run's host call
@@ -149,19 +159,29 @@ def train_cli(cache_home, out) -> set:
 
 
 def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_path, monkeypatch):
-    home, runs = tmp_path / "home", [tmp_path / "first", tmp_path / "second"]
-    traced, _ = train_cli(home, runs[0])
+    home = tmp_path / "home"
+    runs = [tmp_path / name for name in ("first", "second", "third")]
+    # First, JAX's cache alone gets both programs, as when the store lost its entry (evicted)
+    # or its key changed while the programs did not (another JAX setting, another numpy).
+    traced, _ = train_cli(home, runs[0], store=False)
+    assert {"init", "run"} <= traced
+    assert list((home / "ppo_jax").glob("jit_init-*-cache"))
+    assert not (home / "ppo_jax" / "programs").exists()
+    # The store misses: the run compiles both afresh (stored as JAX's cache had loaded them,
+    # they lacked their kernels, and the next run failed: "Function iota.5_kernel not
+    # found") and stores them.
+    traced, _ = train_cli(home, runs[1])
     assert {"init", "run"} <= traced
     stored = list((home / "ppo_jax" / "programs").iterdir())
     assert len(stored) == 1
     os.utime(stored[0], (1e9, 1e9))  # long unused
-    traced, _ = train_cli(home, runs[1])
+    traced, _ = train_cli(home, runs[2])
     assert not {"init", "run"} & traced
     assert stored[0].stat().st_mtime > 1e9  # loading marks it used: evicted last
-    for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
-        assert runs[0].joinpath(name).read_bytes() == runs[1].joinpath(name).read_bytes(), name
-    # A damaged entry is removed with a warning, and the run then traces as usual (as the
-    # first did, which stored the entry).
+    for run in runs[1:]:
+        for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
+            assert runs[0].joinpath(name).read_bytes() == run.joinpath(name).read_bytes(), name
+    # A damaged entry is removed with a warning, and the run then traces as usual.
     stored[0].write_bytes(b"not a pickle")
     monkeypatch.setattr(P, "programs_path", lambda key: str(stored[0]))
     with pytest.warns(UserWarning, match="could not be loaded"):
