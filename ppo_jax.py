@@ -2181,9 +2181,10 @@ def compiled_afresh():
         compiler.compile_or_get_cached = cached
 
 
-def save_programs(key: str, programs: dict, fresh: list) -> None:
+def save_programs(key: str, programs: dict, fresh: list, keys) -> None:
     """Keep {name: jax.stages.Compiled} in the program store, for load_programs, if XLA
-    compiled each of them in this process (`fresh`, from compiled_afresh). A store that
+    compiled each of them in this process (`fresh`, from compiled_afresh), with the run's
+    keys (seed_keys: a program of its own to compile, 0.15 s at every start). A store that
     cannot be written costs the next run its tracing, nothing more."""
     compiled_here = lambda c: any(c._executable.xla_executable is e for e in fresh)
     if not all(compiled_here(compiled) for compiled in programs.values()):
@@ -2200,6 +2201,7 @@ def save_programs(key: str, programs: dict, fresh: list) -> None:
                 stored[name] = StoredProgram(f.getvalue(), len(unloaded.host_callbacks),
                                              jax.tree.structure(compiled.args_info),
                                              compiled.out_tree)
+        stored["keys"] = np.asarray(jax.random.key_data(keys))
         os.makedirs(os.path.dirname(programs_path(key)), exist_ok=True)
         write_atomic(programs_path(key), pickle.dumps(stored))
         evict_programs(os.path.dirname(programs_path(key)))
@@ -2228,8 +2230,8 @@ def evict_programs(folder: str, max_bytes: int | None = None) -> None:
 
 def load_programs(key: str, host_calls: dict) -> dict | None:
     """The programs save_programs kept under `key`, each loaded with this process's host
-    calls ({name: list}), or None if there are none (or they cannot be read: then the entry
-    is removed, and the run traces and compiles as usual)."""
+    calls ({name: list}), and the run's keys ("keys"); or None if there are none (or they
+    cannot be read: then the entry is removed, and the run traces and compiles as usual)."""
     path = programs_path(key)
     if not os.path.exists(path):
         return None
@@ -2237,7 +2239,7 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
     try:
         with open(path, "rb") as f:
             stored = pickle.load(f)
-        programs = {}
+        programs = {"keys": jax.random.wrap_key_data(stored.pop("keys"), impl=KEY_IMPL)}
         for name, program in stored.items():
             calls = host_calls[name]
             if program.host_calls != len(calls):
@@ -2459,7 +2461,7 @@ def train_and_save(config: Config, out: str, start: float) -> int:
                     f"(evaluate it with: python ppo_jax.py eval {out})")
             lowered = runner.run.lower(loop)
         elif stored:  # a second identical run: nothing to trace, lower or compile
-            loop = stored["init"](seed_keys(config))
+            loop = stored["init"](stored["keys"])
         else:  # XLA compiles init while Python traces and lowers run (from init's outputs)
             keys = seed_keys(config)
             init = runner.init.lower(keys)
@@ -2483,7 +2485,7 @@ def train_and_save(config: Config, out: str, start: float) -> int:
             with compile_thread_yields():
                 compiled = lowered.compile()
             if key is not None:
-                save_programs(key, {"init": init_compiled, "run": compiled}, fresh)
+                save_programs(key, {"init": init_compiled, "run": compiled}, fresh, keys)
     t1 = time.perf_counter()
     # While XLA trains, this thread only waits (without the GIL), and a small run leaves a
     # core idle: import what the plots need meanwhile, not after.

@@ -176,7 +176,7 @@ def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_pat
     assert len(stored) == 1
     os.utime(stored[0], (1e9, 1e9))  # long unused
     traced, _ = train_cli(home, runs[2])
-    assert not {"init", "run"} & traced
+    assert not {"init", "run", "split_seed"} & traced  # the keys are stored too
     assert stored[0].stat().st_mtime > 1e9  # loading marks it used: evicted last
     for run in runs[1:]:
         for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
