@@ -364,7 +364,10 @@ def env_spec(env: Any, env_params: Any, action_mask: str = "auto") -> EnvSpec:
         raise ConfigError(f"{env.name} has no action_mask(state, params) method; "
                           "define one or pass --action-mask off")
     masked = discrete and has_mask and action_mask != "off"
-    obs_shape = tuple(env.observation_space(env_params).shape)
+    # The shape of what reset returns, by tracing it: nothing is compiled. Reading it from
+    # observation_space compiled two programs at every start (CartPole builds its bounds
+    # as arrays, op by op).
+    obs_shape = tuple(jax.eval_shape(lambda: env.reset(make_key(0), env_params)[0]).shape)
     if discrete:
         return EnvSpec(obs_shape, True, int(space.n), None, None, masked)
     low, high = np.broadcast_to(space.low, space.shape), np.broadcast_to(space.high, space.shape)
