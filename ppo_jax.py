@@ -2480,8 +2480,8 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         if progress is not None:
             progress.last_update = first
         if config.tensorboard:  # turned on at a resume: write the earlier updates too
-            fresh = not os.path.isdir(os.path.join(out, "tensorboard"))
-            tensorboard = TensorBoard(config, out, 0 if fresh else first)
+            new_log = not os.path.isdir(os.path.join(out, "tensorboard"))
+            tensorboard = TensorBoard(config, out, 0 if new_log else first)
         if stored:
             compiled = stored["run"]
         else:

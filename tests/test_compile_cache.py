@@ -135,7 +135,7 @@ def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
 
 TINY_CLI = ["ppo_jax.py", "--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "32",
             "--update-epochs", "2", "--num-minibatches", "2", "--hidden-sizes", "16", "16",
-            "--no-diagnostics"]
+            "--no-diagnostics", "--tensorboard"]  # with a log: its flag once shadowed the store's list
 
 
 # The command line with the program store turned off: it compiles through JAX's cache only.
@@ -178,6 +178,7 @@ def test_a_second_identical_run_loads_both_programs_without_tracing_them(tmp_pat
     traced, _ = train_cli(home, runs[2])
     assert not {"init", "run", "split_seed"} & traced  # the keys are stored too
     assert stored[0].stat().st_mtime > 1e9  # loading marks it used: evicted last
+    assert all((run / "tensorboard").is_dir() for run in runs)
     for run in runs[1:]:
         for name in ("metrics.jsonl", "checkpoint.msgpack", "params.msgpack"):
             assert runs[0].joinpath(name).read_bytes() == run.joinpath(name).read_bytes(), name
