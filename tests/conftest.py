@@ -10,8 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # compiled in 3.3 s instead of 6.5 s). The programs compute the same algorithm (the tests
 # check numbers against NumPy with tolerances, and bitwise comparisons are between programs
 # compiled alike, except the one that compares the two ways of compiling init); they train
-# about half as fast, which costs these tiny runs little. Set before JAX starts its backend, so that test subprocesses (the CLI, the
-# notebooks' kernels) inherit it.
+# slower, which costs these tiny runs little. Set before JAX starts its backend, so that
+# test subprocesses (the CLI, the notebooks' kernels) inherit it.
 # PPO_JAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's own defaults, as users compile.
 if not os.environ.get("PPO_JAX_TEST_XLA_DEFAULTS"):
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),

@@ -135,7 +135,7 @@ def test_a_cache_folder_that_cannot_be_made_only_costs_the_compile():
 
 TINY_CLI = ["ppo_jax.py", "--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "32",
             "--update-epochs", "2", "--num-minibatches", "2", "--hidden-sizes", "16", "16",
-            "--no-diagnostics", "--tensorboard"]  # with a log: its flag once shadowed the store's list
+            "--no-diagnostics", "--tensorboard"]  # its flag once shadowed the store's list
 
 
 # The command line with the program store turned off: it compiles through JAX's cache only.

@@ -49,12 +49,6 @@ def evaluated(tiny_run, tmp_path_factory):
     return dict(run=run, code=code, stdout=stdout, stderr=stderr)
 
 
-@pytest.fixture
-def cartpole_run(cartpole_preset_run):
-    """The CartPole-v1 preset, trained once for the session (conftest.py; reaches 500)."""
-    return cartpole_preset_run
-
-
 def test_eval_prints_both_policies_for_every_seed_and_writes_eval_json(evaluated):
     assert evaluated["code"] == 0, evaluated["stderr"]
     assert "Traceback" not in evaluated["stderr"]
@@ -85,10 +79,10 @@ def test_render_writes_a_gif_of_more_than_one_frame(evaluated):
     assert not [p for p in evaluated["run"].iterdir() if ".tmp" in p.name]
 
 
-def test_load_policy_scores_475_in_gymnasiums_own_cartpole(cartpole_run):
+def test_load_policy_scores_475_in_gymnasiums_own_cartpole(cartpole_preset_run):
     import gymnasium
 
-    act = P.load_policy(str(cartpole_run), deterministic=True)
+    act = P.load_policy(str(cartpole_preset_run), deterministic=True)
     env = gymnasium.make("CartPole-v1")
     returns = []
     for episode in range(20):
@@ -136,6 +130,6 @@ def test_eval_every_records_returns_on_due_updates_and_the_last_and_null_elsewhe
                 assert row[name] is None, row
 
 
-def test_metrics_have_no_eval_columns_without_eval_every(cartpole_run):
-    first = json.loads((cartpole_run / "metrics.jsonl").read_text().splitlines()[0])
+def test_metrics_have_no_eval_columns_without_eval_every(cartpole_preset_run):
+    first = json.loads((cartpole_preset_run / "metrics.jsonl").read_text().splitlines()[0])
     assert "eval_return" not in first and "eval_return_stochastic" not in first
