@@ -2263,6 +2263,11 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
 
 
 COMPILE_THREAD_NICENESS = 10
+# Other processes count as keeping the machine busy when they used half a core or more
+# while the compile thread was being found, and at least this much CPU time: with nothing
+# else running, the kernel's own threads and /proc/stat's tick sampling showed up to
+# 0.11 s in that window (about 0.2 s), enough to skip the renice and peak 690 MB.
+OTHERS_BUSY_MIN_SECONDS = 0.15
 
 
 def thread_cpu_ticks() -> dict[int, int]:
@@ -2296,7 +2301,7 @@ def compile_thread_yields():
     compile thread is found as the thread, not started by Python, that has used at least
     0.1 s of CPU since the compile began and twice as much as any other, and it is reniced
     then (on Linux nice is per thread). Not if other processes used half a core or more
-    meanwhile: the compile would wait for them. Its niceness is restored afterwards where
+    meanwhile (and OTHERS_BUSY_MIN_SECONDS): the compile would wait for them. Its niceness is restored afterwards where
     the process may lower it (root); elsewhere that thread stays nicer, which slows a later
     compile only while other processes compete for the CPU. Linux and CPU only."""
     if sys.platform != "linux" or jax.default_backend() != "cpu":
@@ -2316,8 +2321,8 @@ def compile_thread_yields():
                 break
         else:
             return  # compiled before one thread stood out
-        others = machine_busy_ticks() - machine - sum(used.values())
-        if others >= 0.5 * per_second * (time.perf_counter() - start):
+        others = (machine_busy_ticks() - machine - sum(used.values())) / per_second
+        if others >= max(0.5 * (time.perf_counter() - start), OTHERS_BUSY_MIN_SECONDS):
             return
         niceness = os.getpriority(os.PRIO_PROCESS, tid)
         if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
