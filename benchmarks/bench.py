@@ -2,13 +2,15 @@
 
     python benchmarks/bench.py cold         # `python ppo_jax.py` twice: cold, then cached
     python benchmarks/bench.py throughput   # the standard config: compile time and steps/s
-    python benchmarks/bench.py presets      # every preset: final return, steps, wall time
+    python benchmarks/bench.py presets      # the classic-control presets: final return, steps,
+                                            # wall time
+    python benchmarks/bench.py presets-minatar  # the MinAtar presets, one seed each (~40 min)
     python benchmarks/bench.py seeds8       # 8 vmapped CartPole seeds, each must reach 475
     python benchmarks/bench.py memory       # peak RSS of a 2e7-step CartPole run
     python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
     python benchmarks/bench.py diagnostics  # the cost of --diagnostics at the standard config
     python benchmarks/bench.py reference    # ppo_jax against reference_ppo.py, interleaved
-    python benchmarks/bench.py all          # each of the above
+    python benchmarks/bench.py all          # each of the above but presets-minatar
     python benchmarks/bench.py compare REV  # this tree against git revision REV (default
                                             # HEAD), interleaved in one process
 
@@ -166,20 +168,39 @@ def timed_run(config) -> tuple[float, dict]:
 
 
 def presets(seeds: int = 4) -> None:
+    """The classic-control presets: 4 seeds in one jit, then one seed alone for its wall
+    time. The MinAtar presets (1e7 steps each) are presets-minatar."""
     import numpy as np
 
     import ppo_jax as P
 
     print(f"{'env':26s} {'steps':>10s} {'final return (mean, min over seeds)':>36s} "
           f"{'wall per seed alone':>20s}")
-    for env in P.PRESETS:
+    for env in (e for e in P.PRESETS if not e.endswith("-MinAtar")):
         config = P.preset_config(env, num_seeds=seeds)
         elapsed, metrics = timed_run(config)
         returns = P.final_returns(metrics)
         alone, _ = timed_run(P.preset_config(env, num_seeds=1))
         steps = config.num_updates * config.batch_size
         print(f"{env:26s} {steps:>10,d} {np.mean(returns):>22.1f}, {np.min(returns):>8.1f} "
-              f"{alone:>17.1f} s   ({seeds} seeds together: {elapsed:.1f} s)")
+              f"{alone:>17.1f} s   ({seeds} seeds together: {elapsed:.1f} s)", flush=True)
+
+
+def presets_minatar() -> None:
+    """The MinAtar presets, one seed each (1e7 steps: about 7 to 10 minutes each on a
+    2-core CPU): the final return and the mean over the last 50 updates."""
+    import numpy as np
+
+    import ppo_jax as P
+
+    for env in (e for e in P.PRESETS if e.endswith("-MinAtar")):
+        config = P.preset_config(env)
+        elapsed, metrics = timed_run(config)
+        steps = config.num_updates * config.batch_size
+        last = np.nanmean(metrics["episode_return"][0, -50:])
+        print(f"{env:24s} {steps:>11,d} steps: final return {P.final_returns(metrics)[0]:.1f}, "
+              f"mean of the last 50 updates {last:.1f}, {elapsed / 60:.1f} min "
+              f"({steps / elapsed:,.0f} steps/s)", flush=True)
 
 
 def seeds8() -> None:
@@ -356,7 +377,8 @@ def compare(revision: str = "HEAD", rounds: int = 8) -> None:
             for what, v in measured.items()) + f"  [{rounds} rounds, standard config]")
 
 
-BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets, "seeds8": seeds8,
+BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets,
+              "presets-minatar": presets_minatar, "seeds8": seeds8,
               "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost,
               "reference": reference}
 
@@ -372,7 +394,7 @@ if __name__ == "__main__":
         compare(*names[1:])
         sys.exit(0)
     if names == ["all"]:
-        names = list(BENCHMARKS)
+        names = [name for name in BENCHMARKS if name != "presets-minatar"]
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"error: unknown benchmark {', '.join(sorted(unknown))}; "
