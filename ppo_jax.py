@@ -1199,7 +1199,7 @@ def xla_cpu_threads() -> int:
 
 
 def cpu_compile_options(runs_once: bool = False) -> dict | None:
-    """XLA:CPU settings for init (runs_once) and run; measured in README, Speed and memory.
+    """XLA:CPU settings for init (runs_once) and run; measured in benchmarks/README.md.
 
     - The fast-compile preset: 11 % less compile time for the CartPole preset (3.6 against
       4.0 s), no slower to run; compile time is most of a short run's wall time.
@@ -1964,10 +1964,11 @@ def small_run(config: Config) -> bool:
     vmap over seeds or settings), at most 64 envs, and hidden-layer matmuls of at most 2^24
     multiply-adds per minibatch (minibatch size x widest layer^2). Its kernels are too small
     to share between threads, and the second one mostly spins waiting for work. Measured
-    (README): 19-25 % faster on the standard config, the CartPole preset, 256 x 256 layers
-    and 64 envs; even on Acrobot; slower with 8 seeds, 256 envs and Breakout-MinAtar, which
-    keep JAX's default. Decided from the config alone (importing gymnax starts JAX), so the
-    observation's size, and whether a CNN runs, do not enter."""
+    (benchmarks/README.md, Threads): 19-25 % faster on the standard config, the CartPole
+    preset, 256 x 256 layers and 64 envs; even on Acrobot; slower with 8 seeds, 256 envs
+    and Breakout-MinAtar, which keep JAX's default. Decided from the config alone
+    (importing gymnax starts JAX), so the observation's size, and whether a CNN runs, do
+    not enter."""
     return (config.num_runs == 1 and config.num_envs <= 64
             and config.minibatch_size * max(config.hidden_sizes) ** 2 <= 2**24)
 
@@ -2265,8 +2266,8 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
 COMPILE_THREAD_NICENESS = 10
 # Other processes count as keeping the machine busy when they used half a core or more
 # while the compile thread was being found, and at least this much CPU time: with nothing
-# else running, the kernel's own threads and /proc/stat's tick sampling showed up to
-# 0.11 s in that window (about 0.2 s), enough to skip the renice and peak 690 MB.
+# else running, up to 0.11 s showed up in that window (about 0.2 s), enough to skip the
+# renice and peak at 690 MB (benchmarks/README.md, On the Zen 4).
 OTHERS_BUSY_MIN_SECONDS = 0.15
 
 
@@ -2297,13 +2298,14 @@ def compile_thread_yields():
     That thread emits each fusion's MLIR and hands it to XLA's codegen threads. On 2 cores
     it emits much faster than they compile, and each fusion waiting in between keeps its
     own MLIR context, so compiling `run` held hundreds of MB at once: the peak RSS of a
-    run (README, Speed and memory). JAX neither names its threads nor offers a knob, so the
-    compile thread is found as the thread, not started by Python, that has used at least
+    run (benchmarks/README.md, Memory). JAX neither names its threads nor offers a knob, so
+    the compile thread is found as the thread, not started by Python, that has used at least
     0.1 s of CPU since the compile began and twice as much as any other, and it is reniced
     then (on Linux nice is per thread). Not if other processes used half a core or more
-    meanwhile (and OTHERS_BUSY_MIN_SECONDS): the compile would wait for them. Its niceness is restored afterwards where
-    the process may lower it (root); elsewhere that thread stays nicer, which slows a later
-    compile only while other processes compete for the CPU. Linux and CPU only."""
+    meanwhile, and at least OTHERS_BUSY_MIN_SECONDS: the compile would wait for them. Its
+    niceness is restored afterwards where the process may lower it (root); elsewhere that
+    thread stays nicer, which slows a later compile only while other processes compete for
+    the CPU. Linux and CPU only."""
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         yield []
         return

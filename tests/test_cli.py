@@ -139,8 +139,8 @@ def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(args, environ, thre
 
 def test_small_run_matches_the_measured_configs():
     """The rule behind --cpu-threads 0, on the configs whose speed with one thread and with
-    two the README reports: one thread where it trained faster (or as fast), JAX's default
-    where two did."""
+    two benchmarks/README.md reports (Threads): one thread where it trained faster (or as
+    fast), JAX's default where two did."""
     one_thread = [P.Config(), P.preset_config("CartPole-v1"), P.preset_config("Acrobot-v1"),
                   P.Config(hidden_sizes=(256, 256)), P.Config(num_envs=64)]
     two_threads = [P.Config(num_seeds=8), P.Config(num_envs=256, num_steps=32),

@@ -1,6 +1,6 @@
 """compile_thread_yields: while XLA:CPU compiles, the thread that compiles runs nicer, so
-that XLA's codegen threads keep up with it (the peak RSS of a run; README, Speed and
-memory). JAX does not name its threads: these tests check the right one is found, on a
+that XLA's codegen threads keep up with it (the peak RSS of a run; benchmarks/README.md,
+Memory). JAX does not name its threads: these tests check the right one is found, on a
 training program compiled as the command line compiles it (MLIR fusion emitters on)."""
 
 import contextlib
