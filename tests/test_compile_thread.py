@@ -106,8 +106,8 @@ class FakeThreads:
 
 @pytest.mark.parametrize("others, niceness, found", [
     (0.0, 0, [(1, 0)]), (0.3, 0, [(1, 0)]), (2.0, 0, []),
-    # A blip: 0.06 s over the 0.1 s it takes to find the thread, as the kernel's own threads
-    # take with nothing else running. More than half a core, yet no reason to leave it.
+    # A blip: 0.06 s over the 0.1 s it takes to find the thread, like the 0.09 to 0.11 s seen
+    # with nothing else running. More than half a core, yet no reason to leave it.
     (0.6, 0, [(1, 0)]),
     (0.0, 10, [(1, 10)]),  # already nicer (an earlier compile, without root): left so
 ])
