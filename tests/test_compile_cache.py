@@ -143,6 +143,7 @@ WITHOUT_STORE = """
 import sys
 import ppo_jax as P
 P.programs_key = lambda config: None
+P.CACHE_MIN_COMPILE_SECONDS = 0.0  # else a fast machine compiles init too quickly to cache it
 sys.exit(P.main(sys.argv[1:]))
 """
 
