@@ -1580,8 +1580,9 @@ class Progress:
 def ctrl_c_not_lost():
     """Ctrl-C raises KeyboardInterrupt wherever the main thread is, and inside a garbage
     collector callback (JAX registers one, and tracing collects often) Python prints it as
-    "Exception ignored" and drops it: the run went on to train. Here each Ctrl-C is also
-    noted, and one that was dropped is raised again when the block ends."""
+    "Exception ignored" with a traceback, and drops it: the run went on to train. Here each
+    Ctrl-C is also noted, a dropped one is not printed, and it is raised again when the
+    block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1591,11 +1592,17 @@ def ctrl_c_not_lost():
         pressed.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def unraisable(dropped):
+        if not issubclass(dropped.exc_type, KeyboardInterrupt):
+            previous_hook(dropped)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
     if pressed:  # reached only if no KeyboardInterrupt left the block
         raise KeyboardInterrupt
 

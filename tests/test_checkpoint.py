@@ -175,11 +175,12 @@ def test_ctrl_c_while_compiling_exits_130_and_leaves_no_folder(tmp_path):
     assert "Traceback" not in stderr and not run.exists()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_ctrl_c_that_python_drops_in_a_gc_callback_is_raised_again():
-    """What a garbage-collector callback raises, Python prints and drops: a Ctrl-C that
-    lands in JAX's callback while the CLI traces must still stop the run."""
-    fired = []
+def test_a_ctrl_c_that_python_drops_in_a_gc_callback_is_raised_again_unprinted(monkeypatch):
+    """What a garbage-collector callback raises, Python prints ("Exception ignored", with a
+    traceback) and drops: a Ctrl-C that lands in JAX's callback while the CLI traces must
+    still stop the run, and print no traceback."""
+    fired, printed = [], []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)  # what Python would print
 
     def press_ctrl_c_while_collecting(phase, info):
         if phase == "start" and not fired:
@@ -194,6 +195,14 @@ def test_a_ctrl_c_that_python_drops_in_a_gc_callback_is_raised_again():
                 assert fired  # the interrupt was raised and dropped inside the callback
     finally:
         gc.callbacks.remove(press_ctrl_c_while_collecting)
+    assert printed == [] and sys.unraisablehook == printed.append
+    gc.callbacks.append(lambda phase, info: 1 / 0)  # anything else is still printed
+    try:
+        with P.ctrl_c_not_lost():
+            gc.collect()
+    finally:
+        gc.callbacks.pop()
+    assert printed and {dropped.exc_type for dropped in printed} == {ZeroDivisionError}
 
 
 def test_resume_after_ctrl_c_finishes_and_keeps_the_metrics_so_far(ctrl_c):
