@@ -912,11 +912,40 @@ def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, tr
     return (params, opt_state), UpdateInfo(info, grad_norm, grad_norm > hp.max_grad_norm)
 
 
+def random_permutation(key, n: int):
+    """jax.random.permutation(key, n): the same indices [n], found faster on CPU.
+
+    jax sorts n random 32-bit keys paired with their indices, and XLA:CPU sorts pairs by
+    calling a comparator per comparison: 57 us for n = 512, a twelfth of the standard
+    config's update. A lone uint32 array sorts 4x faster, and stable_argsort finds the same
+    order with two such sorts: 27 us."""
+    order = jnp.arange(n)
+    for _ in range(int(np.ceil(3 * np.log(max(1, n)) / np.log(2**32 - 1)))):  # jax's rounds
+        key, round_key = jax.random.split(key)
+        order = order[stable_argsort(jax.random.bits(round_key, (n,), jnp.uint32))]
+    return order
+
+
+def stable_argsort(keys):
+    """The indices that sort uint32 keys [n], ties in index order, by radix passes from the
+    least significant bits. Each pass sorts one uint32 array: a digit of 32 - b bits of the
+    keys above the b = ceil(log2 n) bits of each key's current position, which breaks ties
+    by that position (so the pass is stable) and is read back from the low bits."""
+    n = keys.shape[0]
+    b = max(1, math.ceil(math.log2(n)))
+    position = jnp.arange(n, dtype=jnp.uint32)
+    order = position
+    for low in range(0, 32, 32 - b):
+        digit = (keys[order] >> low) & np.uint32((1 << min(32 - b, 32 - low)) - 1)
+        order = order[jnp.sort((digit << b) | position) & np.uint32((1 << b) - 1)]
+    return order
+
+
 def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                  batch: Batch, key):
     """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches).
     Returns the new (params, opt_state) and the packed UpdateInfo of each minibatch [M, K]."""
-    permutation = jax.random.permutation(key, config.batch_size)
+    permutation = random_permutation(key, config.batch_size)
     minibatches = jax.tree.map(
         lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
                                          *x.shape[1:]), batch)
