@@ -31,6 +31,19 @@ def jitted_vmapped_train(config: P.Config):
     return jax.jit(jax.vmap(P.make_train(config)))
 
 
+# Compile options that undo the suite's XLA_FLAGS (conftest.py) for one program, so that it
+# is compiled as users' programs are. Bitwise comparisons of two different programs use
+# them: with the fusion emitters and LLVM's optimisation off, such programs have come to
+# differ in the last bits (copy insertion's region analysis; --diagnostics on and off).
+AS_USERS_COMPILE = ({"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3}
+                    if jax.default_backend() == "cpu" else None)
+
+
+def compiled_as_users(jitted, *args, **options):
+    """jitted, lowered for args and compiled as users' programs are (plus options)."""
+    return jitted.lower(*args).compile({**(AS_USERS_COMPILE or {}), **options} or None)
+
+
 def build(config: P.Config, seed: int = 0):
     """env, env_params, spec, agent and an initial RunnerState for `config`."""
     env, env_params = P.make_env(config.env)

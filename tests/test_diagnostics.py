@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppo_jax as P
-from helpers import build, jitted_train, numpy_log_softmax, tiny_config
+from helpers import build, compiled_as_users, jitted_train, numpy_log_softmax, tiny_config
 from test_loss import random_batch
 
 
@@ -174,8 +174,9 @@ def test_loss_term_gradients_add_up_to_the_actor_and_critic_gradients():
 
 
 def test_diagnostics_do_not_change_training_and_turn_off_completely():
-    on = jax.jit(P.make_train(tiny_config(diagnostics=True)))(P.make_key(0))[1]
-    off = jitted_train(tiny_config(diagnostics=False))(P.make_key(0))[1]
+    key = P.make_key(0)
+    on, off = (compiled_as_users(jax.jit(P.make_train(tiny_config(diagnostics=d))), key)(key)[1]
+               for d in (True, False))
     extra = {"grad_norm_policy_actor", "pg_norm_greedy", "greedy_count", "actor_feature_rank",
              "critic_saturated_fraction"}
     assert extra <= set(on) and not extra & set(off)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ppo_jax as P
-from helpers import build, jitted_train, jitted_vmapped_train, tiny_config
+from helpers import build, compiled_as_users, jitted_train, jitted_vmapped_train, tiny_config
 
 METRICS = ["episode_return", "episode_length", "episodes_finished", "policy_loss", "value_loss",
            "entropy", "approx_kl", "clip_fraction", "explained_variance", "grad_norm",
@@ -193,13 +193,8 @@ def test_run_compiled_for_one_thread_gives_the_same_loop_bitwise(monkeypatch):
     config = tiny_config()
     runner = P.make_runner(config)  # built for two threads: XLA's default copy insertion
     loop = runner.init(P.seed_keys(config))
-    lowered = runner.run.lower(loop)
-    # Compiled as users' programs are: the suite's XLA_FLAGS (conftest.py) turn the fusion
-    # emitters and LLVM's optimisation off, and then the two programs differed in the last
-    # bits of a few parameters.
-    as_users = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3}
-    default, one_thread = (lowered.compile(as_users), lowered.compile(
-        {**as_users, "xla_cpu_copy_insertion_use_region_analysis": True}))
+    default, one_thread = (compiled_as_users(runner.run, loop), compiled_as_users(
+        runner.run, loop, xla_cpu_copy_insertion_use_region_analysis=True))
     assert default.as_text().count(" copy(") > one_thread.as_text().count(" copy(")
     default, one_thread = default(loop), one_thread(loop)
     assert int(default.updates_done) == config.num_updates
