@@ -110,8 +110,8 @@ def test_logged_schedules_are_the_applied_ones():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 512, 1000, 65536, 65537])
 def test_stable_argsort_is_numpys_stable_argsort(n):
-    """Radix passes whose digits fill 32 - ceil(log2 n) bits: one digit short of a whole key
-    at 2^16, three passes above. Keys with many ties, and keys alike in their high bits."""
+    """Radix passes whose digits fill 32 - ceil(log2 n) bits: two passes up to n = 2^16,
+    three above. Keys with many ties, and keys alike in their high bits."""
     rng = np.random.default_rng(n)
     for keys in (rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
                  rng.integers(0, 5, n).astype(np.uint32),
