@@ -187,7 +187,7 @@ def presets(seeds: int = 4) -> None:
 
 
 def presets_minatar() -> None:
-    """The MinAtar presets, one seed each (1e7 steps: 6.7 to 9.2 minutes each, 33 in all,
+    """The MinAtar presets, one seed each (1e7 steps: 6.7 to 9.2 minutes each, 32 in all,
     on a 2-core Xeon): the final return and the mean over the last 50 updates."""
     import numpy as np
 
