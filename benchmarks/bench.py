@@ -48,9 +48,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
+# XLA_FLAGS as this process was started with, before main raises XLA's small-loop size.
+USERS_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+
+
+def reference_env() -> dict:
+    """The environment for benchmarks/reference_ppo.py: this one, with the XLA_FLAGS it was
+    started with, so that the reference runs as it would on its own."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return env if USERS_XLA_FLAGS is None else {**env, "XLA_FLAGS": USERS_XLA_FLAGS}
+
+
 def run_cli(args: list[str], cache_home: str, script: str = "ppo_jax.py") -> tuple[float, str]:
     """Run a script of this repository in a fresh process: (wall seconds, its stdout)."""
-    env = {**os.environ, "XDG_CACHE_HOME": cache_home}
+    env = {**(reference_env() if "reference" in script else os.environ),
+           "XDG_CACHE_HOME": cache_home}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
                             capture_output=True, text=True, env=env, cwd=ROOT)
@@ -311,8 +323,9 @@ def reference(rounds: int = 4) -> None:
     speeds = {"reference": [], "ppo_jax": []}
     for _ in range(rounds):
         for name in speeds:
-            script, env = ((os.path.join(ROOT, "benchmarks", "reference_ppo.py"), os.environ)
-                           if name == "reference" else (os.path.abspath(__file__), ours_env))
+            script, env = (
+                (os.path.join(ROOT, "benchmarks", "reference_ppo.py"), reference_env())
+                if name == "reference" else (os.path.abspath(__file__), ours_env))
             result = subprocess.run(
                 [sys.executable, script, *([] if name == "reference" else ["throughput-once"])],
                 capture_output=True, text=True, env=env, cwd=ROOT)
@@ -383,6 +396,11 @@ BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets,
               "reference": reference}
 
 if __name__ == "__main__":
+    # Compile as the command line does: XLA's small-loop size raised before JAX starts. The
+    # subprocesses inherit it, but for the reference loop's (reference_env).
+    import ppo_jax
+
+    ppo_jax.raise_xla_loop_threshold()
     names = sys.argv[1:] or ["all"]
     if names == ["throughput-once"]:  # run by throughput, in a process of its own
         throughput_once()

@@ -25,9 +25,14 @@ import io  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Start JAX's CPU client now, one pool thread per core. Many tests call main() in this
-# process, and main() gives a small run one thread if JAX has not started yet: whichever
-# test came first would otherwise set the thread count of the whole suite.
+import ppo_jax  # noqa: E402
+
+# Start JAX's CPU client now, one pool thread per core, with the loop threshold that main()
+# sets for a run. Many tests call main() in this process, and main() gives a small run one
+# thread if JAX has not started yet: whichever test came first would otherwise set the
+# thread count of the whole suite. The CLI in a subprocess raises the threshold as here,
+# so both compile alike.
+ppo_jax.raise_xla_loop_threshold()
 jax.devices()
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -158,3 +159,29 @@ def test_cpu_threads_refused_once_jax_has_started(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "PJRT_NPROC=1" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("before, started, raised", [
+    ("", False, True), ("--xla_cpu_enable_fast_math=false", False, True),
+    ("--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=4096", False, False),
+    ("", True, False)])
+def test_xla_loop_threshold_is_raised_only_before_jax_starts_and_never_over_the_users(
+        before, started, raised):
+    """main() raises XLA's small-loop size through XLA_FLAGS, which XLA reads when JAX
+    starts: a user's own xla_backend_extra_options are left alone, and so is a process
+    where JAX has started (the flag could no longer take effect)."""
+    script = textwrap.dedent(f"""
+        import os, jax, ppo_jax as P
+        if {started}:
+            jax.devices()
+        P.raise_xla_loop_threshold()
+        print("XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**env, "XLA_FLAGS": before})
+    assert result.returncode == 0, result.stderr[-2000:]
+    flags = result.stdout.strip().splitlines()[-1].removeprefix("XLA_FLAGS=")
+    ours = ("--xla_backend_extra_options="
+            f"xla_cpu_small_while_loop_byte_threshold={P.SMALL_LOOP_BYTES}")
+    assert flags == (f"{before} {ours}".strip() if raised else before)

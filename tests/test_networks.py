@@ -108,3 +108,36 @@ def test_conv3x3_equals_a_naive_same_convolution_and_has_nn_convs_parameters():
     for ours, theirs in zip(jax.tree.leaves(jax.grad(loss(P.Conv3x3(4)))(params)),
                             jax.tree.leaves(jax.grad(loss(reference))(params))):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_matvec_rows_is_the_matmul_row_by_row():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    w = rng.normal(size=(7, 3)).astype(np.float32)
+    want = np.array([[sum(float(x[b, k]) * float(w[k, f]) for k in range(7)) for f in range(3)]
+                     for b in range(5)])  # a plain loop
+    got = P.matvec_rows(jnp.asarray(x), jnp.asarray(w), (((1,), (0,)), ((), ())))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_the_rollouts_one_env_at_a_time_actor_is_the_same_policy(env):
+    config = tiny_config(env=env, hidden_sizes=(64, 64))
+    _, _, spec, agent, state = build(config)
+    assert agent.matvec_rollout  # one run of 4 envs: the rollout computes it row by row
+    obs = jax.random.normal(P.make_key(3), (4, *spec.obs_shape))
+    batched = agent.policy(state.params, obs)
+    rowwise = agent.policy(state.params, obs, rollout=True)
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(rowwise)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_make_agent_computes_row_by_row_only_for_one_run_of_a_few_vector_envs():
+    spec_of = lambda config: P.env_spec(*P.make_env(config.env))
+    agent = lambda config: P.make_agent(config, spec_of(config))
+    assert agent(P.Config()).matvec_rollout  # the standard config: 4 envs
+    assert agent(P.Config(num_envs=P.MATVEC_MAX_ENVS)).matvec_rollout
+    assert not agent(P.Config(num_envs=P.MATVEC_MAX_ENVS * 2)).matvec_rollout
+    assert not agent(P.Config(num_seeds=2)).matvec_rollout  # vmapped: batched matmuls
+    assert not agent(P.Config(env="Breakout-MinAtar", num_envs=4,
+                              hidden_sizes=(16,))).matvec_rollout  # image observations

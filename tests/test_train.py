@@ -1,5 +1,8 @@
 """make_train and make_runner: determinism, seeds in a vmap, metrics, schedules."""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +204,48 @@ def test_run_compiled_for_one_thread_gives_the_same_loop_bitwise(monkeypatch):
     for want, got in zip(jax.tree.leaves(P.keys_to_data(default)),
                          jax.tree.leaves(P.keys_to_data(one_thread)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+
+def hlo_computations(hlo_text: str) -> dict:
+    """{name: its instructions' lines} of a compiled module's text."""
+    bodies, name = {}, None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            name = (line.split()[1] if line.startswith("ENTRY") else line.split()[0]).lstrip("%")
+            bodies[name] = []
+        elif name and line.startswith(" "):
+            bodies[name].append(line)
+    return bodies
+
+
+def in_one_kernel(bodies: dict) -> set:
+    """The computations that run inside a call XLA:CPU compiled into one kernel
+    (xla_cpu_small_call), and every computation those call in turn."""
+    called = lambda lines: {c.lstrip("%") for line in lines for c in re.findall(
+        r"(?:to_apply|body|condition|calls)=(%?[\w.\-]+)", line)}
+    inside = called([line for lines in bodies.values() for line in lines
+                     if "xla_cpu_small_call" in line])
+    frontier = inside
+    while frontier:
+        frontier = called([line for name in frontier for line in bodies.get(name, [])]) - inside
+        inside = inside | frontier
+    return inside
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's small-loop pass")
+@pytest.mark.parametrize("num_envs, one_kernel", [(4, True), (16, False)])
+def test_a_rollout_of_a_few_envs_compiles_to_one_kernel(num_envs, one_kernel):
+    """With its actor as matrix-vector products (matvec_rows) and XLA's small-loop size
+    raised (raise_xla_loop_threshold; conftest.py does it for the suite), the rollout's
+    loop, env step included, runs as one kernel. How much faster that is, is benchmarked
+    (benchmarks/README.md, Throughput); here, that it happens, and only where chosen."""
+    assert f"small_while_loop_byte_threshold={P.SMALL_LOOP_BYTES}" in os.environ["XLA_FLAGS"]
+    config = tiny_config(num_envs=num_envs)
+    runner = P.make_runner(config)
+    bodies = hlo_computations(runner.run.lower(runner.init(P.seed_keys(config))).compile()
+                              .as_text())
+    env_step = {name for name, lines in bodies.items()
+                if any("vmap(jit(step))" in line for line in lines)}
+    assert env_step  # the env's step ops are there, found by their metadata
+    assert bool(env_step & in_one_kernel(bodies)) == one_kernel
