@@ -664,8 +664,10 @@ MATVEC_MAX_ENVS = 8
 
 
 def make_agent(config: Config, spec: EnvSpec) -> Agent:
+    # One run of a few envs with vector observations, on XLA:CPU (a GPU would run the rows
+    # of matvec_rows one after another).
     matvec = (config.num_runs == 1 and config.num_envs <= MATVEC_MAX_ENVS
-              and len(spec.obs_shape) == 1)  # one run of a few envs, vector observations
+              and len(spec.obs_shape) == 1 and jax.default_backend() == "cpu")
     return Agent(
         Actor(spec, config.hidden_sizes, config.activation, config.cnn_channels,
               config.log_std_init),

@@ -10,6 +10,9 @@
     python benchmarks/bench.py gymnasium    # trained policies scored in Gymnasium's own envs
     python benchmarks/bench.py diagnostics  # the cost of --diagnostics at the standard config
     python benchmarks/bench.py reference    # ppo_jax against reference_ppo.py, interleaved
+    python benchmarks/bench.py scale        # many envs and seeds in one jit (sized for a GPU
+                                            # where JAX has one): steps/s, and how many of
+                                            # 1024 CartPole seeds solve it
     python benchmarks/bench.py all          # each of the above but presets-minatar
     python benchmarks/bench.py compare REV  # this tree against git revision REV (default
                                             # HEAD), interleaved in one process
@@ -177,6 +180,47 @@ def timed_run(config) -> tuple[float, dict]:
     start = time.perf_counter()
     loop = jax.block_until_ready(compiled(loop))
     return time.perf_counter() - start, loop.metrics()
+
+
+# (num_seeds, num_envs per seed) that scale times: a GPU takes thousands of envs, a 2-core
+# CPU is full at a few hundred.
+SCALE_GRID = {"gpu": [(1, 256), (1, 1024), (1, 4096), (1, 16384), (1, 65536),
+                      (16, 1024), (64, 1024), (256, 1024), (1024, 256)],
+              "cpu": [(1, 16), (1, 64), (1, 256), (1, 1024), (8, 64), (32, 64)]}
+SCALE_SOLVE_SEEDS = {"gpu": 1024, "cpu": 8}
+
+
+def scale(updates: int = 10, repeats: int = 2) -> None:
+    """Many envs and many seeds in one jit, on whatever JAX runs on (SCALE_GRID): env steps
+    per second of CartPole with the standard config's network and learning phase (128 steps
+    per env, 4 epochs x 4 minibatches, 64x64 tanh), `updates` updates, compile excluded,
+    the best of `repeats` runs. Then the CartPole preset trained on SCALE_SOLVE_SEEDS seeds
+    at once: how many solve it (final return >= 475) and how long that takes."""
+    import jax
+    import numpy as np
+
+    import ppo_jax as P
+
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    print(f"{'seeds':>6s} {'envs/seed':>9s} {'steps/update':>12s} {'compile':>8s} "
+          f"{'env steps/s':>14s}")
+    for seeds, envs in SCALE_GRID[backend]:
+        config = P.Config(num_seeds=seeds, num_envs=envs, total_timesteps=envs * 128 * updates)
+        runner = P.make_runner(config)
+        loop = runner.init(P.seed_keys(config))
+        start = time.perf_counter()
+        compiled = runner.run.lower(loop).compile()
+        compile_s = time.perf_counter() - start
+        times = turn_about({"run": lambda: compiled(loop)}, repeats)["run"]
+        steps = seeds * config.num_updates * config.batch_size
+        print(f"{seeds:>6,d} {envs:>9,d} {steps // updates:>12,d} {compile_s:>7.1f}s "
+              f"{steps / min(times):>14,.0f}", flush=True)
+    seeds = SCALE_SOLVE_SEEDS[backend]
+    elapsed, metrics = timed_run(P.preset_config("CartPole-v1", num_seeds=seeds))
+    returns = P.final_returns(metrics)
+    print(f"CartPole preset, {seeds} seeds in one jit: {int((returns >= 475).sum())} of them "
+          f"reach 475 (final return min {returns.min():.1f}, median {np.median(returns):.1f}), "
+          f"{elapsed:.1f} s of training")
 
 
 def presets(seeds: int = 4) -> None:
@@ -393,7 +437,7 @@ def compare(revision: str = "HEAD", rounds: int = 8) -> None:
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets,
               "presets-minatar": presets_minatar, "seeds8": seeds8,
               "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost,
-              "reference": reference}
+              "reference": reference, "scale": scale}
 
 if __name__ == "__main__":
     # Compile as the command line does: XLA's small-loop size raised before JAX starts. The
