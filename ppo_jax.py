@@ -40,6 +40,7 @@ import gc
 import hashlib
 import importlib
 import importlib.util
+import importlib.metadata
 import io
 import itertools
 import json
@@ -159,8 +160,9 @@ class Config:
     compile_cache: bool = True
     """Keep compiled programs in ~/.cache/ppo_jax so a second identical run skips compiling."""
     cpu_threads: int = 0
-    """Threads XLA:CPU trains on. 0: one for a small single run (see small_run), else JAX's
-    default of one per core; PJRT_NPROC in the environment wins over 0. On 2 cores, 1 trained
+    """Threads XLA:CPU trains on. 0: one for a small single run (see small_run) where no
+    GPU or TPU plugin is installed, else JAX's default of one per core; PJRT_NPROC in the
+    environment wins over 0. On 2 cores, 1 trained
     the standard config 19 % faster, Breakout-MinAtar 39 % slower. Another count changed a
     Breakout-MinAtar run's outputs: keep it to resume bitwise."""
 
@@ -2057,8 +2059,21 @@ def set_cpu_threads(config: Config) -> None:
                               f"set PJRT_NPROC={config.cpu_threads} in the environment before "
                               "starting Python")
         os.environ["PJRT_NPROC"] = str(config.cpu_threads)
-    elif not started and "PJRT_NPROC" not in os.environ and small_run(config):
+    elif (not started and "PJRT_NPROC" not in os.environ and small_run(config)
+          and not accelerator_installed()):
         os.environ["PJRT_NPROC"] = "1"
+
+
+def accelerator_installed() -> bool:
+    """Whether JAX may run on a GPU or TPU here, told without starting it: a plugin is
+    installed (a jax_plugins module or entry point, as JAX finds them, or libtpu) and
+    JAX_PLATFORMS does not ask for the CPU. There, set_cpu_threads leaves PJRT_NPROC alone:
+    it also narrows XLA's GPU compiler, and on an H200 the CartPole preset's `run` then
+    compiled in 27.6 s instead of 4.6."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    return (any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
+            or bool(importlib.metadata.entry_points(group="jax_plugins")))
 
 
 # XLA:CPU compiles a while loop into one kernel when its body calls no library and touches

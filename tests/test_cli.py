@@ -123,11 +123,18 @@ LARGE = ["--total-timesteps", "1024", "--num-envs", "128", "--num-steps", "8"]
     (SMALL + ["--cpu-threads", "2"], {}, 2),  # the flag wins over the rule
     (SMALL, {"PJRT_NPROC": "2"}, 2),  # and so does PJRT_NPROC from the environment
     (LARGE, {}, CORES),  # 128 envs: JAX's default, one per core
-], ids=["small-auto", "small-flag", "small-environment", "large-auto"])
-def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(args, environ, threads):
+    # Where a GPU plugin is installed, PJRT_NPROC is left alone: it would narrow XLA's GPU
+    # compiler too. An empty jax_plugins folder looks installed, and JAX still runs on the CPU.
+    (SMALL, {"PYTHONPATH": "{plugins}"}, CORES),
+    (SMALL, {"PYTHONPATH": "{plugins}", "JAX_PLATFORMS": "cpu"}, 1),  # unless JAX is told CPU
+], ids=["small-auto", "small-flag", "small-environment", "large-auto", "small-gpu-plugin",
+        "small-gpu-plugin-cpu-asked"])
+def test_cpu_threads_sizes_xla_thread_pool_before_jax_starts(args, environ, threads, tmp_path):
     """main() sets PJRT_NPROC before the first array, or JAX's CPU client would already
     have one pool thread per core. It stops at the unwritable --out, which it checks after
     building the env (JAX's first arrays), so nothing needs to train."""
+    (tmp_path / "jax_plugins").mkdir()
+    environ = {k: v.format(plugins=tmp_path) for k, v in environ.items()}
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
     result = subprocess.run([sys.executable, "-c", COUNT_POOL_THREADS, "--quiet", "--out",
                              "/proc/ppo_jax_test", *args],
