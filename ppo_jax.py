@@ -162,9 +162,9 @@ class Config:
     cpu_threads: int = 0
     """Threads XLA:CPU trains on. 0: one for a small single run (see small_run) where no
     GPU or TPU plugin is installed, else JAX's default of one per core; PJRT_NPROC in the
-    environment wins over 0. On 2 cores, 1 trained
-    the standard config 19 % faster, Breakout-MinAtar 39 % slower. Another count changed a
-    Breakout-MinAtar run's outputs: keep it to resume bitwise."""
+    environment wins over 0. On 2 cores, 1 trained the standard config 19 % faster,
+    Breakout-MinAtar 39 % slower. Another count changed a Breakout-MinAtar run's outputs:
+    keep it to resume bitwise."""
 
     @property
     def batch_size(self) -> int:
