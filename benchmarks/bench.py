@@ -13,7 +13,8 @@
     python benchmarks/bench.py scale        # many envs and seeds in one jit (sized for a GPU
                                             # where JAX has one): steps/s, and how many of
                                             # 1024 CartPole seeds solve it
-    python benchmarks/bench.py all          # each of the above but presets-minatar
+    python benchmarks/bench.py scale-minatar  # the same steps/s for Breakout-MinAtar's preset
+    python benchmarks/bench.py all          # each of the above but the two -minatar ones
     python benchmarks/bench.py compare REV  # this tree against git revision REV (default
                                             # HEAD), interleaved in one process
 
@@ -182,6 +183,25 @@ def timed_run(config) -> tuple[float, dict]:
     return time.perf_counter() - start, loop.metrics()
 
 
+SCALE_HEADER = (f"{'seeds':>6s} {'envs/seed':>9s} {'steps/update':>12s} {'compile':>8s} "
+                f"{'env steps/s':>14s}")
+
+
+def scale_row(config, updates: int, repeats: int) -> None:
+    """One row of scale's tables: compile `config`'s training program, then time it."""
+    import ppo_jax as P
+
+    runner = P.make_runner(config)
+    loop = runner.init(P.seed_keys(config))
+    start = time.perf_counter()
+    compiled = runner.run.lower(loop).compile()
+    compile_s = time.perf_counter() - start
+    times = turn_about({"run": lambda: compiled(loop)}, repeats)["run"]
+    steps = config.num_runs * config.num_updates * config.batch_size
+    print(f"{config.num_runs:>6,d} {config.num_envs:>9,d} {steps // updates:>12,d} "
+          f"{compile_s:>7.1f}s {steps / min(times):>14,.0f}", flush=True)
+
+
 # (num_seeds, num_envs per seed) that scale times: a GPU takes thousands of envs, a 2-core
 # CPU is full at a few hundred.
 SCALE_GRID = {"gpu": [(1, 256), (1, 1024), (1, 4096), (1, 16384), (1, 65536),
@@ -202,25 +222,35 @@ def scale(updates: int = 10, repeats: int = 2) -> None:
     import ppo_jax as P
 
     backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
-    print(f"{'seeds':>6s} {'envs/seed':>9s} {'steps/update':>12s} {'compile':>8s} "
-          f"{'env steps/s':>14s}")
+    print(SCALE_HEADER)
     for seeds, envs in SCALE_GRID[backend]:
-        config = P.Config(num_seeds=seeds, num_envs=envs, total_timesteps=envs * 128 * updates)
-        runner = P.make_runner(config)
-        loop = runner.init(P.seed_keys(config))
-        start = time.perf_counter()
-        compiled = runner.run.lower(loop).compile()
-        compile_s = time.perf_counter() - start
-        times = turn_about({"run": lambda: compiled(loop)}, repeats)["run"]
-        steps = seeds * config.num_updates * config.batch_size
-        print(f"{seeds:>6,d} {envs:>9,d} {steps // updates:>12,d} {compile_s:>7.1f}s "
-              f"{steps / min(times):>14,.0f}", flush=True)
+        scale_row(P.Config(num_seeds=seeds, num_envs=envs, total_timesteps=envs * 128 * updates),
+                  updates, repeats)
     seeds = SCALE_SOLVE_SEEDS[backend]
     elapsed, metrics = timed_run(P.preset_config("CartPole-v1", num_seeds=seeds))
     returns = P.final_returns(metrics)
     print(f"CartPole preset, {seeds} seeds in one jit: {int((returns >= 475).sum())} of them "
           f"reach 475 (final return min {returns.min():.1f}, median {np.median(returns):.1f}), "
           f"{elapsed:.1f} s of training")
+
+
+# The same for Breakout-MinAtar's preset (10x10x4 images, a 256 x 256 ReLU MLP).
+SCALE_MINATAR_GRID = {"gpu": [(1, 1024), (1, 4096), (1, 16384), (16, 1024)], "cpu": [(1, 64)]}
+
+
+def scale_minatar(updates: int = 10, repeats: int = 2) -> None:
+    """scale's steps/s for the Breakout-MinAtar preset (128 steps per env, 4 epochs x 8
+    minibatches), over SCALE_MINATAR_GRID."""
+    import jax
+
+    import ppo_jax as P
+
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    print(f"Breakout-MinAtar preset\n{SCALE_HEADER}")
+    for seeds, envs in SCALE_MINATAR_GRID[backend]:
+        config = P.preset_config("Breakout-MinAtar", num_seeds=seeds, num_envs=envs,
+                                 total_timesteps=envs * 128 * updates)
+        scale_row(config, updates, repeats)
 
 
 def presets(seeds: int = 4) -> None:
@@ -437,7 +467,7 @@ def compare(revision: str = "HEAD", rounds: int = 8) -> None:
 BENCHMARKS = {"cold": cold, "throughput": throughput, "presets": presets,
               "presets-minatar": presets_minatar, "seeds8": seeds8,
               "memory": memory, "gymnasium": gymnasium_scores, "diagnostics": diagnostics_cost,
-              "reference": reference, "scale": scale}
+              "reference": reference, "scale": scale, "scale-minatar": scale_minatar}
 
 if __name__ == "__main__":
     # Compile as the command line does: XLA's small-loop size raised before JAX starts. The
@@ -456,7 +486,7 @@ if __name__ == "__main__":
         compare(*names[1:])
         sys.exit(0)
     if names == ["all"]:
-        names = [name for name in BENCHMARKS if name != "presets-minatar"]
+        names = [name for name in BENCHMARKS if not name.endswith("minatar")]
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"error: unknown benchmark {', '.join(sorted(unknown))}; "
