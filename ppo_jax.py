@@ -2046,7 +2046,8 @@ def small_run(config: Config) -> bool:
 
 
 def set_cpu_threads(config: Config) -> None:
-    """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run.
+    """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run
+    where no GPU or TPU plugin is installed (accelerator_installed).
     JAX's CPU client reads PJRT_NPROC when it starts, at the first array, so main() calls
     this before building anything. With 0, nothing changes if PJRT_NPROC is already set or
     JAX has already started (main called from Python)."""
