@@ -2372,11 +2372,10 @@ def load_programs(key: str, host_calls: dict) -> dict | None:
         return None
 
 
-COMPILE_THREAD_NICENESS = 10
 # Other processes count as keeping the machine busy when they used half a core or more
 # while the compile thread was being found, and at least this much CPU time: with nothing
 # else running, up to 0.11 s showed up in that window (about 0.2 s), enough to skip the
-# renice and peak at 690 MB (benchmarks/README.md, On the Zen 4).
+# compile thread's demotion and peak at 690 MB (benchmarks/README.md, On the Zen 4).
 OTHERS_BUSY_MIN_SECONDS = 0.15
 
 
@@ -2401,26 +2400,29 @@ def machine_busy_ticks() -> int:
 @contextlib.contextmanager
 def compile_thread_yields():
     """While XLA:CPU compiles a program, let its codegen threads go first: run the thread
-    that compiles at nice COMPILE_THREAD_NICENESS, unless other processes keep the machine
-    busy.
+    that compiles under SCHED_IDLE (it then runs only on a core nothing else wants), unless
+    other processes keep the machine busy.
 
     That thread emits each fusion's MLIR and hands it to XLA's codegen threads. On 2 cores
     it emits much faster than they compile, and each fusion waiting in between keeps its
     own MLIR context, so compiling `run` held hundreds of MB at once: the peak RSS of a
-    run (benchmarks/README.md, Memory). JAX neither names its threads nor offers a knob, so
-    the compile thread is found as the thread, not started by Python, that has used at least
-    0.1 s of CPU since the compile began and twice as much as any other, and it is reniced
-    then (on Linux nice is per thread). Not if other processes used half a core or more
-    meanwhile, and at least OTHERS_BUSY_MIN_SECONDS: the compile would wait for them. Its
-    niceness is restored afterwards where the process may lower it (root); elsewhere that
-    thread stays nicer, which slows a later compile only while other processes compete for
-    the CPU. Linux and CPU only."""
+    run (benchmarks/README.md, Memory). With the thread at nice 10 instead, cold runs on the
+    EPYC Zen 3 peaked at 404 to 691 MB (47 runs); under SCHED_IDLE, 403 to 462 MB (24).
+    JAX neither names its threads nor offers a knob, so the compile thread is found as the
+    thread, not started by Python, that has used at least 0.1 s of CPU since the compile
+    began and twice as much as any other, and it is demoted then (on Linux the policy is
+    per thread). Not if other
+    processes used half a core or more meanwhile, and at least OTHERS_BUSY_MIN_SECONDS: the
+    compile would wait for them. Its policy is restored afterwards where the process may
+    (leaving SCHED_IDLE needs CAP_SYS_NICE, as root has); elsewhere that thread stays
+    idle-class, which delays a later compile only while other threads keep every core
+    busy. Linux and CPU only."""
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         yield []
         return
     done, found, per_second = threading.Event(), [], os.sysconf("SC_CLK_TCK")
 
-    def renice() -> None:
+    def demote() -> None:
         start, machine, threads = time.perf_counter(), machine_busy_ticks(), thread_cpu_ticks()
         while not done.wait(0.02):
             python = {thread.native_id for thread in threading.enumerate()}
@@ -2435,25 +2437,25 @@ def compile_thread_yields():
         others = (machine_busy_ticks() - machine - sum(used.values())) / per_second
         if others >= max(0.5 * (time.perf_counter() - start), OTHERS_BUSY_MIN_SECONDS):
             return
-        niceness = os.getpriority(os.PRIO_PROCESS, tid)
-        if niceness < COMPILE_THREAD_NICENESS:  # else already so, from an earlier compile
-            os.setpriority(os.PRIO_PROCESS, tid, COMPILE_THREAD_NICENESS)
-        found.append((tid, niceness))
+        policy, param = os.sched_getscheduler(tid), os.sched_getparam(tid)
+        if policy != os.SCHED_IDLE:  # else already so, from an earlier compile
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        found.append((tid, policy, param))
 
-    def renice_quietly() -> None:
+    def demote_quietly() -> None:
         with contextlib.suppress(OSError):  # /proc unreadable, or the thread just ended
-            renice()
+            demote()
 
-    watcher = threading.Thread(target=renice_quietly, daemon=True)
+    watcher = threading.Thread(target=demote_quietly, daemon=True)
     watcher.start()
     try:
-        yield found  # [(the compile thread's id, its niceness before)], if it was found
+        yield found  # [(the compile thread's id, its policy and param before)], if found
     finally:
         done.set()
         watcher.join()
-        for tid, niceness in found:
-            with contextlib.suppress(OSError):  # lowering niceness needs CAP_SYS_NICE
-                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        for tid, policy, param in found:
+            with contextlib.suppress(OSError):  # leaving SCHED_IDLE needs CAP_SYS_NICE
+                os.sched_setscheduler(tid, policy, param)
 
 
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────

@@ -1,5 +1,5 @@
-"""compile_thread_yields: while XLA:CPU compiles, the thread that compiles runs nicer, so
-that XLA's codegen threads keep up with it (the peak RSS of a run; benchmarks/README.md,
+"""compile_thread_yields: while XLA:CPU compiles, the thread that compiles runs under
+SCHED_IDLE, so that XLA's codegen threads keep up with it (the peak RSS of a run; benchmarks/README.md,
 Memory). JAX does not name its threads: these tests check the right one is found, on a
 training program compiled as the command line compiles it (MLIR fusion emitters on)."""
 
@@ -14,7 +14,8 @@ import pytest
 import ppo_jax as P
 from helpers import tiny_config
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux")
+pytestmark = pytest.mark.skipif(sys.platform != "linux",
+                                reason="scheduling policy is per thread on Linux")
 
 EMITTERS_ON = {"xla_cpu_use_fusion_emitters": True}  # conftest turns them off
 
@@ -39,7 +40,7 @@ def python_threads() -> set[int]:
     return {thread.native_id for thread in threading.enumerate()}
 
 
-def test_the_thread_that_compiles_is_reniced_and_given_back(lowered_run, no_compilation_cache,
+def test_the_thread_that_compiles_is_demoted_and_given_back(lowered_run, no_compilation_cache,
                                                               monkeypatch):
     # Whatever else runs on the machine, count only this process's CPU time.
     monkeypatch.setattr(P, "machine_busy_ticks", lambda: sum(P.thread_cpu_ticks().values()))
@@ -52,7 +53,7 @@ def test_the_thread_that_compiles_is_reniced_and_given_back(lowered_run, no_comp
                if ticks > before.get(tid, 0) and tid not in python_threads()}
     # An independent account of the compile thread: XLA's HLO passes run on it alone, so it
     # has the most CPU time gained while no other thread (outside Python's) gained any.
-    alone, niceness_seen, done = {}, {}, threading.Event()
+    alone, policies_seen, done = {}, {}, threading.Event()
 
     def watch():
         last = P.thread_cpu_ticks()
@@ -65,7 +66,7 @@ def test_the_thread_that_compiles_is_reniced_and_given_back(lowered_run, no_comp
                 alone[tid] = alone.get(tid, 0) + ticks
             for tid in now:
                 with contextlib.suppress(OSError):  # a thread that ended
-                    niceness_seen.setdefault(tid, set()).add(os.getpriority(os.PRIO_PROCESS, tid))
+                    policies_seen.setdefault(tid, set()).add(os.sched_getscheduler(tid))
             last = now
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -76,16 +77,15 @@ def test_the_thread_that_compiles_is_reniced_and_given_back(lowered_run, no_comp
     watcher.join()
 
     assert len(found) == 1
-    tid, niceness = found[0]
+    tid, policy, _ = found[0]
     assert tid == max(alone, key=alone.get), alone
     assert tid not in python_threads() and tid not in runners
-    assert P.COMPILE_THREAD_NICENESS in niceness_seen[tid]
-    assert not any(P.COMPILE_THREAD_NICENESS in seen
-                   for other, seen in niceness_seen.items() if other != tid)
-    # Lowering a niceness again needs CAP_SYS_NICE (root); without it the thread stays nicer
-    # (from this compile, or from an earlier test's: then it is found at nice 10 already).
-    after = os.getpriority(os.PRIO_PROCESS, tid)
-    assert after == (niceness if os.geteuid() == 0 else max(niceness, P.COMPILE_THREAD_NICENESS))
+    assert os.SCHED_IDLE in policies_seen[tid]
+    assert not any(os.SCHED_IDLE in seen for other, seen in policies_seen.items() if other != tid)
+    # Leaving SCHED_IDLE needs CAP_SYS_NICE (root); without it the thread stays idle-class
+    # (from this compile, or from an earlier test's: then it is found so already).
+    after = os.sched_getscheduler(tid)
+    assert after == (policy if os.geteuid() == 0 else os.SCHED_IDLE)
 
 
 class FakeThreads:
@@ -104,36 +104,42 @@ class FakeThreads:
         return sum(self.threads().values()) + int(self.others * self.tick * seconds)
 
 
-@pytest.mark.parametrize("others, niceness, found", [
-    (0.0, 0, [(1, 0)]), (0.3, 0, [(1, 0)]), (2.0, 0, []),
+OTHER, IDLE = os.SCHED_OTHER, os.SCHED_IDLE
+
+
+@pytest.mark.parametrize("others, policy, found", [
+    (0.0, OTHER, [(1, OTHER)]), (0.3, OTHER, [(1, OTHER)]), (2.0, OTHER, []),
     # A blip: 0.06 s over the 0.1 s it takes to find the thread, like the 0.09 to 0.11 s seen
     # with nothing else running. More than half a core, yet no reason to leave it.
-    (0.6, 0, [(1, 0)]),
-    (0.0, 10, [(1, 10)]),  # already nicer (an earlier compile, without root): left so
+    (0.6, OTHER, [(1, OTHER)]),
+    (0.0, IDLE, [(1, IDLE)]),  # idle-class already (an earlier compile, without root): left so
 ])
-def test_renices_only_while_other_processes_leave_the_cpu_free(others, niceness, found,
+def test_demotes_only_while_other_processes_leave_the_cpu_free(others, policy, found,
                                                                monkeypatch):
-    fake, nice, set_to = FakeThreads(others), {1: niceness, 2: 0}, []
+    fake, policies, set_to = FakeThreads(others), {1: policy, 2: OTHER}, []
     monkeypatch.setattr(P, "thread_cpu_ticks", fake.threads)
     monkeypatch.setattr(P, "machine_busy_ticks", fake.machine)
-    monkeypatch.setattr(P.os, "getpriority", lambda which, tid: nice[tid])
+    monkeypatch.setattr(P.os, "sched_getscheduler", lambda tid: policies[tid])
+    monkeypatch.setattr(P.os, "sched_getparam", lambda tid: "param")
 
-    def setpriority(which, tid, value):
-        set_to.append((tid, value))
-        nice[tid] = value
+    def sched_setscheduler(tid, new_policy, param):
+        set_to.append((tid, new_policy))
+        policies[tid] = new_policy
 
-    monkeypatch.setattr(P.os, "setpriority", setpriority)
+    monkeypatch.setattr(P.os, "sched_setscheduler", sched_setscheduler)
     with P.compile_thread_yields() as reported:
         P.time.sleep(0.25)  # a compile
-        during = dict(nice)
-    assert reported == found
-    assert during == ({1: P.COMPILE_THREAD_NICENESS, 2: 0} if found else {1: niceness, 2: 0})
-    assert nice == {1: niceness, 2: 0}  # given back (as root may)
+        during = dict(policies)
+    assert [(tid, before) for tid, before, _ in reported] == found
+    assert during == ({1: IDLE, 2: OTHER} if found else {1: policy, 2: OTHER})
+    assert policies == {1: policy, 2: OTHER}  # given back (as root may)
     if not found:
         assert set_to == []
+    elif policy == IDLE:
+        assert set_to == [(1, IDLE)]  # only the giving back, to what it was
 
 
-def test_nothing_is_reniced_when_the_compile_ends_before_a_thread_stands_out(monkeypatch):
+def test_nothing_is_demoted_when_the_compile_ends_before_a_thread_stands_out(monkeypatch):
     fake = FakeThreads(0.0)
     monkeypatch.setattr(P, "thread_cpu_ticks", fake.threads)
     monkeypatch.setattr(P, "machine_busy_ticks", fake.machine)
