@@ -2411,12 +2411,11 @@ def compile_thread_yields():
     JAX neither names its threads nor offers a knob, so the compile thread is found as the
     thread, not started by Python, that has used at least 0.1 s of CPU since the compile
     began and twice as much as any other, and it is demoted then (on Linux the policy is
-    per thread). Not if other
-    processes used half a core or more meanwhile, and at least OTHERS_BUSY_MIN_SECONDS: the
-    compile would wait for them. Its policy is restored afterwards where the process may
-    (leaving SCHED_IDLE needs CAP_SYS_NICE, as root has); elsewhere that thread stays
-    idle-class, which delays a later compile only while other threads keep every core
-    busy. Linux and CPU only."""
+    per thread). Not if other processes used half a core or more meanwhile, and at least
+    OTHERS_BUSY_MIN_SECONDS: the compile would wait for them. Its policy is restored
+    afterwards where the process may (leaving SCHED_IDLE needs CAP_SYS_NICE, as root has);
+    elsewhere that thread stays idle-class, which delays a later compile only while other
+    threads keep every core busy. Linux and CPU only."""
     if sys.platform != "linux" or jax.default_backend() != "cpu":
         yield []
         return
