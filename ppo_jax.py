@@ -2397,6 +2397,14 @@ def machine_busy_ticks() -> int:
     return user + nice + system + irq + softirq + steal
 
 
+class DemotedThread(NamedTuple):
+    """A thread compile_thread_yields put under SCHED_IDLE, and its policy before."""
+
+    tid: int
+    policy: int
+    param: Any  # os.sched_param
+
+
 @contextlib.contextmanager
 def compile_thread_yields():
     """While XLA:CPU compiles a program, let its codegen threads go first: run the thread
@@ -2439,7 +2447,7 @@ def compile_thread_yields():
         policy, param = os.sched_getscheduler(tid), os.sched_getparam(tid)
         if policy != os.SCHED_IDLE:  # else already so, from an earlier compile
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        found.append((tid, policy, param))
+        found.append(DemotedThread(tid, policy, param))
 
     def demote_quietly() -> None:
         with contextlib.suppress(OSError):  # /proc unreadable, or the thread just ended
@@ -2448,13 +2456,13 @@ def compile_thread_yields():
     watcher = threading.Thread(target=demote_quietly, daemon=True)
     watcher.start()
     try:
-        yield found  # [(the compile thread's id, its policy and param before)], if found
+        yield found  # [DemotedThread] once the compile thread is found and demoted
     finally:
         done.set()
         watcher.join()
-        for tid, policy, param in found:
+        for thread in found:
             with contextlib.suppress(OSError):  # leaving SCHED_IDLE needs CAP_SYS_NICE
-                os.sched_setscheduler(tid, policy, param)
+                os.sched_setscheduler(thread.tid, thread.policy, thread.param)
 
 
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
