@@ -501,6 +501,43 @@ def matvec_rows(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         row, rhs, row_times_rhs, precision, preferred_element_type=preferred_element_type), lhs)
 
 
+@jax.custom_vjp
+def matmul_transposed_wgrad(x, kernel):
+    """x @ kernel ([B, K] @ [K, F]) whose weight gradient x^T @ g is a plain matmul of a
+    transposed copy of x. See dense_dot_general."""
+    return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
+
+
+def _matmul_transposed_wgrad_fwd(x, kernel):
+    return matmul_transposed_wgrad(x, kernel), (x, kernel)
+
+
+def _matmul_transposed_wgrad_bwd(residuals, g):
+    x, kernel = residuals
+    x_grad = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))  # g @ kernel^T
+    # The barrier keeps XLA from folding the transpose back into the dot's dimensions.
+    kernel_grad = jax.lax.optimization_barrier(x.T) @ g
+    return x_grad, kernel_grad
+
+
+matmul_transposed_wgrad.defvjp(_matmul_transposed_wgrad_fwd, _matmul_transposed_wgrad_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's dot_general for the learning phase on XLA:CPU: the same x @ W forward,
+    with the weight gradient computed by matmul_transposed_wgrad.
+
+    Why: XLA:CPU hands a matmul to YNNPACK, but the weight gradient x^T @ g contracts over
+    the batch axis of both, and such a dot goes to Eigen instead. Given x^T as an array of
+    its own, the gradient is a plain matmul, and YNNPACK computes it."""
+    if (lhs.ndim != 2 or precision is not None or preferred_element_type is not None
+            or jax.default_backend() != "cpu"):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type)
+    assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers  # a 2-D x @ W
+    return matmul_transposed_wgrad(lhs, rhs)
+
+
 class Conv3x3(nn.Module):
     """nn.Conv(features, (3, 3)) with 'SAME' padding (same parameters, same numbers),
     computed as image patches times a matrix. XLA:CPU runs a convolution's gradient inside a
@@ -539,7 +576,7 @@ class Torso(nn.Module):
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden_sizes:
             x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)),
-                         dot_general=matvec_rows if self.matvec else None)(x)
+                         dot_general=matvec_rows if self.matvec else dense_dot_general)(x)
             x = ACTIVATIONS[self.activation](x)
             self.sow("intermediates", "hidden", x)  # for representation_diagnostics; free otherwise
         return x
@@ -620,7 +657,7 @@ class Actor(nn.Module):
     def __call__(self, obs, mask=None):  # obs [B, *obs_shape], mask [B, A] or None
         x = Torso(self.hidden_sizes, self.activation, self.cnn_channels, self.matvec)(obs)
         out = nn.Dense(self.spec.num_actions, kernel_init=orthogonal(0.01),
-                       dot_general=matvec_rows if self.matvec else None)(x)
+                       dot_general=matvec_rows if self.matvec else dense_dot_general)(x)
         if self.spec.discrete:
             logits = out if mask is None else jnp.where(mask, out, MASKED_LOGIT)
             return Categorical(logits, mask)
@@ -639,7 +676,7 @@ class Critic(nn.Module):
     @nn.compact
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B]
         x = Torso(self.hidden_sizes, self.activation, self.cnn_channels)(obs)
-        return nn.Dense(1, kernel_init=orthogonal(1.0))(x)[:, 0]
+        return nn.Dense(1, kernel_init=orthogonal(1.0), dot_general=dense_dot_general)(x)[:, 0]
 
 
 class Agent(NamedTuple):

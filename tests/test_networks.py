@@ -120,6 +120,44 @@ def test_matvec_rows_is_the_matmul_row_by_row():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_dense_dot_general_has_the_matmuls_value_and_gradients():
+    """The forward x @ W and both gradients of sum(g * (x @ W)) against plain loops in float64:
+    dL/dx = g W^T, dL/dW = x^T g. Alone and vmapped over a leading axis (seeds)."""
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.normal(size=shape).astype(np.float32) for shape in [(6, 4), (4, 3), (6, 3)])
+    xd, wd, gd = (a.astype(np.float64) for a in (x, w, g))
+    want_y = np.array([[sum(xd[b, k] * wd[k, f] for k in range(4)) for f in range(3)]
+                       for b in range(6)])
+    want_dx = np.array([[sum(gd[b, f] * wd[k, f] for f in range(3)) for k in range(4)]
+                        for b in range(6)])
+    want_dw = np.array([[sum(xd[b, k] * gd[b, f] for b in range(6)) for f in range(3)]
+                        for k in range(4)])
+    dot = lambda x, w: P.dense_dot_general(x, w, (((1,), (0,)), ((), ())))
+    loss = lambda x, w, g: jnp.sum(g * dot(x, w))
+    np.testing.assert_allclose(np.asarray(dot(x, w)), want_y, rtol=1e-5, atol=1e-5)
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w, g)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
+    stacked = lambda a: np.stack([a, 2 * a])
+    dx2, dw2 = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(stacked(x), stacked(w), stacked(g))
+    np.testing.assert_allclose(np.asarray(dx2[1]), 4 * want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw2[1]), 4 * want_dw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's choice of matmul library")
+def test_the_weight_gradient_stays_a_plain_matmul():
+    """XLA must not fold the transposed copy of x back into the weight gradient's dot: a dot
+    contracting over the batch axis of both operands goes to Eigen, not YNNPACK."""
+    _, _, _, agent, state = build(tiny_config(hidden_sizes=(64, 64)))
+    obs = jnp.zeros((128, 4))
+    loss = lambda params: (agent.value(params, obs).sum()
+                           + agent.policy(params, obs).log_probs().sum())
+    hlo = jax.jit(jax.grad(loss)).lower(state.params).compile().as_text()
+    assert "lhs_contracting_dims={0}" not in hlo
+    plain = jax.grad(lambda w: jnp.sum(jnp.tanh(obs @ w)))  # the same gradient, as JAX gives it
+    assert "lhs_contracting_dims={0}" in jax.jit(plain).lower(jnp.zeros((4, 64))).compile().as_text()
+
+
 @pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
 def test_the_rollouts_one_env_at_a_time_actor_is_the_same_policy(env):
     config = tiny_config(env=env, hidden_sizes=(64, 64))
