@@ -1312,15 +1312,30 @@ def cpu_compile_options(runs_once: bool = False) -> dict | None:
     - `run` on one XLA thread: copy insertion with region analysis. XLA then copies less of
       the loop state at every step of the rollout scan (63 -> 53 kernels a step at the
       standard config): 6.5 % more steps/s at the standard config, 8 % on the CartPole
-      preset, the same numbers bitwise. On two threads it cost 7 % at 256 envs."""
+      preset, the same numbers bitwise. On two threads it cost 7 % at 256 envs.
+    - `run` on a CPU with AVX-512: XLA's own kernels (tanh, Adam, the env) vectorized
+      512 bits wide instead of XLA's default of 256. On the Zen 4, interleaved: 2.8 % more
+      steps/s at the standard config, 1.2 % on the CartPole preset, 2.5 % with 8 vmapped
+      seeds. Set only where the CPU has AVX-512; measured on the Zen 4 alone."""
     if jax.default_backend() != "cpu":
         return None
     options = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
     if runs_once:
         options["xla_cpu_use_fusion_emitters"] = False
-    elif xla_cpu_threads() == 1:
+        return options
+    if xla_cpu_threads() == 1:
         options["xla_cpu_copy_insertion_use_region_analysis"] = True
+    if cpu_has_avx512():
+        options["xla_cpu_prefer_vector_width"] = 512
     return options
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False where unknown)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " avx512f" in line for line in f)
+    return False
 
 
 # What stopped the training loop before its last update (Loop.stop).

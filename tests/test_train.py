@@ -209,6 +209,18 @@ def test_run_compiled_for_one_thread_gives_the_same_loop_bitwise(monkeypatch):
 
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_run_is_vectorized_512_bits_wide_only_where_the_cpu_has_avx512(monkeypatch):
+    monkeypatch.setattr(P, "cpu_has_avx512", lambda: True)
+    assert P.cpu_compile_options()["xla_cpu_prefer_vector_width"] == 512
+    assert "xla_cpu_prefer_vector_width" not in P.cpu_compile_options(runs_once=True)
+    monkeypatch.setattr(P, "cpu_has_avx512", lambda: False)
+    assert "xla_cpu_prefer_vector_width" not in P.cpu_compile_options()
+    monkeypatch.undo()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert P.cpu_has_avx512() == bool(re.search(r"^flags\s*:.*\bavx512f\b", flags, re.M))
+
+
 def hlo_computations(hlo_text: str) -> dict:
     """{name: its instructions' lines} of a compiled module's text."""
     bodies, name = {}, None
