@@ -528,8 +528,11 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     with the weight gradient computed by matmul_transposed_wgrad.
 
     Why: XLA:CPU hands a matmul to YNNPACK, but the weight gradient x^T @ g contracts over
-    the batch axis of both, and such a dot goes to Eigen instead. Given x^T as an array of
-    its own, the gradient is a plain matmul, and YNNPACK computes it."""
+    the batch axis of both, and such a dot goes to Eigen instead: a quarter of the learning
+    phase's time on the EPYC Zen 4, for a third of its arithmetic. Given x^T as an array of
+    its own, the gradient is a plain matmul, and YNNPACK computes it: the standard config
+    trained at 214,144 instead of 208,797 steps/s there, the CartPole preset at 220,683
+    instead of 210,437 (old and new turn about in one process)."""
     if (lhs.ndim != 2 or precision is not None or preferred_element_type is not None
             or jax.default_backend() != "cpu"):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
