@@ -62,24 +62,50 @@ def reference_env() -> dict:
     return env if USERS_XLA_FLAGS is None else {**env, "XLA_FLAGS": USERS_XLA_FLAGS}
 
 
-def run_cli(args: list[str], cache_home: str,
-            script: str = "ppo_jax.py") -> tuple[float, str, float]:
-    """Run a script of this repository in a fresh process: (wall seconds, its stdout, its
-    peak RSS in MB). The peak is this child's own (os.wait4): RUSAGE_CHILDREN's is the
-    largest of every child waited for so far, earlier benchmarks' included."""
-    env = {**(reference_env() if "reference" in script else os.environ),
-           "XDG_CACHE_HOME": cache_home}
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args],
-                                 stdout=stdout, stderr=stderr, text=True, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-        elapsed = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        stdout.seek(0), stderr.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(stderr.read()[-2000:])
-        return elapsed, stdout.read(), usage.ru_maxrss / 1024
+def run_cli(args: list[str], cache_home: str, script: str = "ppo_jax.py") -> tuple[float, str]:
+    """Run a script of this repository in a fresh process: (wall seconds, its stdout)."""
+    return run_command([sys.executable, os.path.join(ROOT, script), *args],
+                       cli_env(script, cache_home))
+
+
+def cli_env(script: str, cache_home: str) -> dict:
+    return {**(reference_env() if "reference" in script else os.environ),
+            "XDG_CACHE_HOME": cache_home}
+
+
+def run_command(command: list[str], env: dict) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return elapsed, result.stdout
+
+
+# Starts the command after the file name, waits for it and writes its peak RSS (kB) there.
+PEAK_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_cli_peak(args: list[str], cache_home: str,
+                 script: str = "ppo_jax.py") -> tuple[float, str, float]:
+    """run_cli, plus the process's peak RSS in MB. A process's ru_maxrss also counts the
+    memory of the process that started it, as it was then: this one's, large once it has
+    compiled anything (and RUSAGE_CHILDREN is the largest over every child so far). So a
+    small launcher starts it and reads its peak."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = os.path.join(folder, "peak_kb")
+        elapsed, stdout = run_command(
+            [sys.executable, "-c", PEAK_LAUNCHER, peak_file, sys.executable,
+             os.path.join(ROOT, script), *args], cli_env(script, cache_home))
+        with open(peak_file) as f:
+            return elapsed, stdout, int(f.read()) / 1024
 
 
 def cold() -> None:
@@ -88,7 +114,7 @@ def cold() -> None:
     for extra in ([], ["--quiet"]):
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
             for attempt in ("cold", "second"):
-                elapsed, stdout, _ = run_cli(["--out", os.path.join(out, attempt), *extra], cache)
+                elapsed, stdout = run_cli(["--out", os.path.join(out, attempt), *extra], cache)
                 returns = re.search(r"final return per seed: ([\d. -]+)", stdout).group(1).strip()
                 inner = re.search(r"compile ([\d.]+) s \| train ([\d.]+) s", stdout)
                 print(f"python ppo_jax.py {' '.join(extra):8s} {attempt:6s}: {elapsed:5.1f} s wall "
@@ -309,8 +335,8 @@ def seeds8() -> None:
 
 def memory(steps: int = 20_000_000) -> None:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
-        elapsed, stdout, peak_mb = run_cli(["--total-timesteps", str(steps), "--quiet",
-                                            "--out", os.path.join(out, "run")], cache)
+        elapsed, stdout, peak_mb = run_cli_peak(["--total-timesteps", str(steps), "--quiet",
+                                                 "--out", os.path.join(out, "run")], cache)
     print(f"CartPole preset, {steps:,} steps: peak RSS {peak_mb:.0f} MB, {elapsed:.0f} s wall; "
           + stdout.strip().splitlines()[-1])
 
@@ -373,10 +399,10 @@ def reference(rounds: int = 4) -> None:
         """(wall seconds, final return) of one fresh process with an empty compile cache."""
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
             if name == "reference_ppo.py":
-                elapsed, stdout, _ = run_cli([], cache, os.path.join("benchmarks", name))
+                elapsed, stdout = run_cli([], cache, os.path.join("benchmarks", name))
                 found = re.search(r"final return ([\d.-]+)", stdout)
             else:
-                elapsed, stdout, _ = run_cli(["--out", os.path.join(out, "run")], cache)
+                elapsed, stdout = run_cli(["--out", os.path.join(out, "run")], cache)
                 found = re.search(r"final return per seed: ([\d.-]+)", stdout)
         return elapsed, float(found.group(1))
 
