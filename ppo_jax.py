@@ -3,6 +3,7 @@
 Run it:
     python ppo_jax.py --env CartPole-v1            # train, with live progress
     python ppo_jax.py --env Acrobot-v1 --num-seeds 8 --learning-rate 1e-3
+    python ppo_jax.py eval runs/<folder>           # score a trained run
     python ppo_jax.py --help                       # every flag, with its meaning
 
 Import it:
@@ -12,10 +13,12 @@ Import it:
 
 The file reads in the algorithm's order: config, environment, networks, the rollout phase
 (collect_rollout), advantages (compute_gae), the loss (ppo_loss), the learning phase
-(update_minibatch -> update_epoch -> update), and make_train, which composes them.
+(update_minibatch -> update_epoch -> update), and make_train, which composes them. Below
+the boundary line that follows make_train is the program around it: diagnostics, the host
+loop that runs training in jitted chunks, evaluation, files and the command line.
 
 Shape letters used in comments: T steps per rollout, N parallel envs, B minibatch,
-A actions, D action dimensions, S seeds, U updates.
+A actions, D action dimensions, S seeds (runs), U updates, K updates in a chunk.
 
 Conventions, where PPO codebases disagree:
 - A Transition is one step: the observation the action was chosen from, the action, and the
@@ -31,43 +34,28 @@ Conventions, where PPO codebases disagree:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
 import functools
-import gc
-import hashlib
 import importlib
-import importlib.util
-import importlib.metadata
-import io
 import itertools
 import json
-import logging
 import math
 import os
-import pickle
-import platform
 import signal
 import sys
 import threading
 import time
-import types
 import warnings
 from typing import Any, Literal, NamedTuple
 
-# The summary's wall time counts from here: importing jax and flax is 1.5 s of a run.
-IMPORTED_AT = time.perf_counter()
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.flatten_util  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import serialization, struct  # noqa: E402
-from jax.experimental import io_callback  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
 
 # ── Config ────────────────────────────────────────────────────────────────────────────────
 
@@ -158,13 +146,8 @@ class Config:
     quiet: bool = False
     """No live progress bar."""
     compile_cache: bool = True
-    """Keep compiled programs in ~/.cache/ppo_jax so a second identical run skips compiling."""
-    cpu_threads: int = 0
-    """Threads XLA:CPU trains on. 0: one for a small single run (see small_run) where no
-    GPU or TPU plugin is installed, else JAX's default of one per core; PJRT_NPROC in the
-    environment wins over 0. On 2 cores, 1 trained the standard config 19 % faster,
-    Breakout-MinAtar 39 % slower. Another count changed a Breakout-MinAtar run's outputs:
-    keep it to resume bitwise."""
+    """Keep compiled programs in JAX's compilation cache under ~/.cache/ppo_jax, so a second
+    identical run skips compiling."""
 
     @property
     def batch_size(self) -> int:
@@ -272,6 +255,10 @@ def preset_config(env: str, **overrides: Any) -> Config:
 
 def validate_config(config: Config) -> None:
     """Raise ConfigError, naming the fix, for any setting that cannot train."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{field.name} must be a finite number, got {value}")
     sizes = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "update_epochs",
              "num_minibatches", "eval_episodes")
     for name in sizes:
@@ -309,11 +296,8 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"eval_every must be >= 0 (0 never evaluates), got {config.eval_every}")
     if config.save_every < 0:
         raise ConfigError(f"save_every must be >= 0 (0 saves only at the end), got {config.save_every}")
-    if config.cpu_threads < 0:
-        raise ConfigError(f"cpu_threads must be >= 0 (0 chooses by the run's size), got {config.cpu_threads}")
     if config.target_kl is not None and not config.target_kl > 0:
         raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
-
 
 # ── Environment ───────────────────────────────────────────────────────────────────────────
 # Any gymnax Environment works. To forbid actions, a discrete env defines
@@ -324,7 +308,8 @@ def validate_config(config: Config) -> None:
 
 def make_env(env_id: str) -> tuple[Any, Any]:
     """The gymnax environment and its default params, from an id or 'module:Class'."""
-    gymnax = import_gymnax()
+    import gymnax
+
     if ":" in env_id:
         module_name, _, class_name = env_id.partition(":")
         try:
@@ -357,8 +342,10 @@ class EnvSpec(NamedTuple):
 
 def env_spec(env: Any, env_params: Any, action_mask: str = "auto") -> EnvSpec:
     """Read shapes and action bounds from the env; decide whether masks are used."""
+    from gymnax.environments.spaces import Discrete
+
     space = env.action_space(env_params)
-    discrete = isinstance(space, import_gymnax().environments.spaces.Discrete)
+    discrete = isinstance(space, Discrete)
     has_mask = callable(getattr(env, "action_mask", None))
     if action_mask == "on" and not discrete:
         raise ConfigError("action masking needs discrete actions; drop --action-mask on")
@@ -366,9 +353,7 @@ def env_spec(env: Any, env_params: Any, action_mask: str = "auto") -> EnvSpec:
         raise ConfigError(f"{env.name} has no action_mask(state, params) method; "
                           "define one or pass --action-mask off")
     masked = discrete and has_mask and action_mask != "off"
-    # The shape of what reset returns, by tracing it: nothing is compiled. Reading it from
-    # observation_space compiled two programs at every start (CartPole builds its bounds
-    # as arrays, op by op).
+    # The shape of what reset returns, by tracing it: nothing is compiled or run.
     obs_shape = tuple(jax.eval_shape(lambda: env.reset(make_key(0), env_params)[0]).shape)
     if discrete:
         return EnvSpec(obs_shape, True, int(space.n), None, None, masked)
@@ -457,7 +442,6 @@ def scale_reward(norm: Normalizers, reward):
 # inf - inf = NaN that -inf would produce in log-softmax and in its gradient.
 MASKED_LOGIT = -1e9
 
-
 def orthogonal(scale: float = 1.0):
     """Orthogonal initializer built by Gram-Schmidt instead of a QR decomposition.
 
@@ -485,81 +469,6 @@ def orthogonal(scale: float = 1.0):
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 
 
-def matvec_rows(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """lhs @ rhs ([B, K] @ [K, F]) as B matrix-vector products, one per step of a lax.map:
-    nn.Dense's dot_general where the rollout steps a few envs (make_agent decides).
-
-    Why: XLA:CPU hands a matmul to a library (YNNPACK), and a loop whose body calls one runs
-    op by op, each a dispatched kernel: 53 per rollout step at the standard config. A
-    matrix-vector product XLA compiles itself, and then the whole rollout step, env
-    included, compiles to one kernel (up to the size set in raise_xla_loop_threshold).
-    The standard config's rollout took 0.38 to 0.57 ms per update instead of 0.83 to 1.57
-    (three alternating pairs of runs on the EPYC Zen 3)."""
-    assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers  # a 2-D x @ W
-    row_times_rhs = (((0,), (0,)), ((), ()))
-    return jax.lax.map(lambda row: jax.lax.dot_general(
-        row, rhs, row_times_rhs, precision, preferred_element_type=preferred_element_type), lhs)
-
-
-@jax.custom_vjp
-def matmul_transposed_wgrad(x, kernel):
-    """x @ kernel ([B, K] @ [K, F]) whose weight gradient x^T @ g is a plain matmul of a
-    transposed copy of x. See dense_dot_general."""
-    return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
-
-
-def _matmul_transposed_wgrad_fwd(x, kernel):
-    return matmul_transposed_wgrad(x, kernel), (x, kernel)
-
-
-def _matmul_transposed_wgrad_bwd(residuals, g):
-    x, kernel = residuals
-    x_grad = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))  # g @ kernel^T
-    # The barrier keeps XLA from folding the transpose back into the dot's dimensions.
-    kernel_grad = jax.lax.optimization_barrier(x.T) @ g
-    return x_grad, kernel_grad
-
-
-matmul_transposed_wgrad.defvjp(_matmul_transposed_wgrad_fwd, _matmul_transposed_wgrad_bwd)
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot_general for the learning phase on XLA:CPU: the same x @ W forward,
-    with the weight gradient computed by matmul_transposed_wgrad.
-
-    Why: XLA:CPU hands a matmul to YNNPACK, but the weight gradient x^T @ g contracts over
-    the batch axis of both, and such a dot goes to Eigen instead: a quarter of the learning
-    phase's time on the EPYC Zen 4, for a third of its arithmetic. Given x^T as an array of
-    its own, the gradient is a plain matmul, and YNNPACK computes it: the standard config
-    trained at 214,144 instead of 208,797 steps/s there, the CartPole preset at 220,683
-    instead of 210,437 (old and new turn about in one process)."""
-    if (lhs.ndim != 2 or precision is not None or preferred_element_type is not None
-            or jax.default_backend() != "cpu"):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                                   preferred_element_type=preferred_element_type)
-    assert dimension_numbers == (((1,), (0,)), ((), ())), dimension_numbers  # a 2-D x @ W
-    return matmul_transposed_wgrad(lhs, rhs)
-
-
-class Conv3x3(nn.Module):
-    """nn.Conv(features, (3, 3)) with 'SAME' padding (same parameters, same numbers),
-    computed as image patches times a matrix. XLA:CPU runs a convolution's gradient inside a
-    loop (and all of training is one) about 5x slower than outside one; as patches and a
-    matmul, Breakout-MinAtar's learning phase (one conv layer of 16) took 2.0 s per update
-    instead of 8.5 s."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):  # [B, H, W, C] -> [B, H, W, features]
-        shape = (3, 3, x.shape[-1], self.features)
-        kernel = self.param("kernel", orthogonal(math.sqrt(2)), shape)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        patches = jax.lax.conv_general_dilated_patches(  # [B, H, W, C * 9], channel-major
-            x, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return patches @ kernel.transpose(2, 0, 1, 3).reshape(-1, self.features) + bias
-
-
 class Torso(nn.Module):
     """The shared shape of actor and critic before their heads: for image observations
     [H, W, C] (MinAtar) a small CNN first (3x3 convolutions, ReLU), then hidden layers.
@@ -568,19 +477,17 @@ class Torso(nn.Module):
     hidden_sizes: tuple[int, ...]
     activation: str
     cnn_channels: tuple[int, ...] = ()
-    matvec: bool = False  # dense layers one row at a time (matvec_rows)
 
     @nn.compact
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B, hidden_sizes[-1]]
         x = obs.astype(jnp.float32)
         if x.ndim == 4:  # [B, H, W, C]
-            for i, channels in enumerate(self.cnn_channels):
-                x = nn.relu(Conv3x3(channels, name=f"Conv_{i}")(x))  # nn.Conv's parameter names
+            for channels in self.cnn_channels:
+                x = nn.relu(nn.Conv(channels, (3, 3), kernel_init=orthogonal(math.sqrt(2)))(x))
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden_sizes:
-            x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)),
-                         dot_general=matvec_rows if self.matvec else dense_dot_general)(x)
-            x = ACTIVATIONS[self.activation](x)
+            x = ACTIVATIONS[self.activation](
+                nn.Dense(width, kernel_init=orthogonal(math.sqrt(2)))(x))
             self.sow("intermediates", "hidden", x)  # for representation_diagnostics; free otherwise
         return x
 
@@ -654,13 +561,11 @@ class Actor(nn.Module):
     activation: str
     cnn_channels: tuple[int, ...] = ()
     log_std_init: float = 0.0
-    matvec: bool = False  # dense layers one row at a time (matvec_rows)
 
     @nn.compact
     def __call__(self, obs, mask=None):  # obs [B, *obs_shape], mask [B, A] or None
-        x = Torso(self.hidden_sizes, self.activation, self.cnn_channels, self.matvec)(obs)
-        out = nn.Dense(self.spec.num_actions, kernel_init=orthogonal(0.01),
-                       dot_general=matvec_rows if self.matvec else dense_dot_general)(x)
+        x = Torso(self.hidden_sizes, self.activation, self.cnn_channels)(obs)
+        out = nn.Dense(self.spec.num_actions, kernel_init=orthogonal(0.01))(x)
         if self.spec.discrete:
             logits = out if mask is None else jnp.where(mask, out, MASKED_LOGIT)
             return Categorical(logits, mask)
@@ -679,7 +584,7 @@ class Critic(nn.Module):
     @nn.compact
     def __call__(self, obs):  # obs [B, *obs_shape] -> [B]
         x = Torso(self.hidden_sizes, self.activation, self.cnn_channels)(obs)
-        return nn.Dense(1, kernel_init=orthogonal(1.0), dot_general=dense_dot_general)(x)[:, 0]
+        return nn.Dense(1, kernel_init=orthogonal(1.0))(x)[:, 0]
 
 
 class Agent(NamedTuple):
@@ -687,33 +592,21 @@ class Agent(NamedTuple):
 
     actor: Actor
     critic: Critic
-    matvec_rollout: bool = False  # the rollout's actor runs one env at a time (make_agent)
 
-    def policy(self, params, obs, mask=None, rollout: bool = False):
-        """pi(. | obs). rollout=True is collect_rollout's call: the same function, computed
-        one env at a time when make_agent chose so."""
-        actor = self.actor.clone(matvec=True) if rollout and self.matvec_rollout else self.actor
-        return actor.apply(params["actor"], obs, mask)
+    def policy(self, params, obs, mask=None):
+        """pi(. | obs): a Categorical or a Gaussian over actions [B]."""
+        return self.actor.apply(params["actor"], obs, mask)
 
     def value(self, params, obs):
+        """V(obs) [B]."""
         return self.critic.apply(params["critic"], obs)
 
 
-# The most envs whose rollout computes its actor one env at a time (matvec_rows). Steps/s
-# of the standard config with N envs, against the batched actor (benchmarks/README.md,
-# Throughput): N = 4, 1.21x; 8, 1.05 and 1.01x; 16, 0.97 to 1.08x; 32, 1.03x; 64, 0.97x.
-MATVEC_MAX_ENVS = 8
-
-
 def make_agent(config: Config, spec: EnvSpec) -> Agent:
-    # One run of a few envs with vector observations, on XLA:CPU (a GPU would run the rows
-    # of matvec_rows one after another).
-    matvec = (config.num_runs == 1 and config.num_envs <= MATVEC_MAX_ENVS
-              and len(spec.obs_shape) == 1 and jax.default_backend() == "cpu")
     return Agent(
         Actor(spec, config.hidden_sizes, config.activation, config.cnn_channels,
               config.log_std_init),
-        Critic(config.hidden_sizes, config.activation, config.cnn_channels), matvec)
+        Critic(config.hidden_sizes, config.activation, config.cnn_channels))
 
 
 class Setup(NamedTuple):
@@ -736,7 +629,6 @@ def init_params(agent: Agent, spec: EnvSpec, key) -> dict:
     dummy_obs = jnp.zeros((1, *spec.obs_shape))
     return {"actor": agent.actor.init(actor_key, dummy_obs),
             "critic": agent.critic.init(critic_key, dummy_obs)}
-
 
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────
 
@@ -797,7 +689,7 @@ def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int
     def env_step(state: RunnerState, _):
         key, action_key, step_key = jax.random.split(state.key, 3)
         obs = normalize(state.norm.obs, state.obs)
-        pi = agent.policy(state.params, obs, state.mask, rollout=True)
+        pi = agent.policy(state.params, obs, state.mask)
         action = pi.sample(action_key)
         env_action = action if spec.discrete else jnp.clip(action, spec.action_low,
                                                            spec.action_high)
@@ -944,7 +836,8 @@ def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
 def make_optimizer(max_grad_norm, optimizer: str = "adam"):
     """Global-norm clipping, then Adam's scaling (eps 1e-5), or nothing more for plain SGD.
     The learning rate is applied in update_minibatch, so it can follow a schedule and be
-    traced without rebuilding this."""
+    traced without rebuilding this. optax.flatten runs the optimizer on one vector of all
+    parameters, so its arithmetic is a few fused kernels rather than a few per leaf."""
     scale = optax.scale_by_adam(eps=1e-5) if optimizer == "adam" else optax.identity()
     return optax.flatten(optax.chain(optax.clip_by_global_norm(max_grad_norm), scale))
 
@@ -957,23 +850,6 @@ class UpdateInfo(NamedTuple):
     clipped: jax.Array  # whether global-norm clipping shrank this step
 
 
-def pack(stats) -> jax.Array:
-    """A NamedTuple of scalars as one float32 vector [K]. A scan then stacks one array per
-    step instead of K, and on XLA:CPU each stacked output is a kernel of its own."""
-    return jnp.stack([jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(stats)], axis=-1)
-
-
-# An UpdateInfo's scalars: the LossInfo's fields and the UpdateInfo's others.
-PACKED_INFO_SIZE = len(LossInfo._fields) + len(UpdateInfo._fields) - 1
-
-
-def unpack_update_info(packed) -> UpdateInfo:
-    """pack's inverse for an UpdateInfo packed as [..., K]: each field [...]."""
-    fields = list(jnp.moveaxis(packed, -1, 0))
-    losses = len(LossInfo._fields)
-    return UpdateInfo(LossInfo(*fields[:losses]), *fields[losses:])
-
-
 def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                      batch: Batch):
     """One optimizer step on one minibatch. `train` is (params, opt_state)."""
@@ -983,53 +859,19 @@ def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, tr
     optimizer = make_optimizer(hp.max_grad_norm, config.optimizer)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-    # Over the flat vector that optax.flatten clips, so XLA computes the norm once.
-    grad_norm = jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0])
+    grad_norm = optax.tree.norm(grads)
     return (params, opt_state), UpdateInfo(info, grad_norm, grad_norm > hp.max_grad_norm)
-
-
-def random_permutation(key, n: int):
-    """jax.random.permutation(key, n): the same indices [n], found faster on CPU.
-
-    jax sorts n random 32-bit keys paired with their indices, and XLA:CPU sorts pairs by
-    calling a comparator per comparison: 57 us for n = 512, and the standard config's four
-    shuffles took a twelfth of its update. A lone uint32 array sorts 4x faster, and
-    stable_argsort finds the same order with two such sorts: 27 us."""
-    order = jnp.arange(n)
-    for _ in range(int(np.ceil(3 * np.log(max(1, n)) / np.log(2**32 - 1)))):  # jax's rounds
-        key, round_key = jax.random.split(key)
-        order = order[stable_argsort(jax.random.bits(round_key, (n,), jnp.uint32))]
-    return order
-
-
-def stable_argsort(keys):
-    """The indices that sort uint32 keys [n], ties in index order, by radix passes from the
-    least significant bits. Each pass sorts one uint32 array: a digit of 32 - b bits of the
-    keys above the b = ceil(log2 n) bits of each key's current position, which breaks ties
-    by that position (so the pass is stable) and is read back from the low bits."""
-    n = keys.shape[0]
-    b = max(1, math.ceil(math.log2(n)))
-    position = jnp.arange(n, dtype=jnp.uint32)
-    order = position
-    for low in range(0, 32, 32 - b):
-        digit = (keys[order] >> low) & np.uint32((1 << min(32 - b, 32 - low)) - 1)
-        order = order[jnp.sort((digit << b) | position) & np.uint32((1 << b) - 1)]
-    return order
 
 
 def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                  batch: Batch, key):
     """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches).
-    Returns the new (params, opt_state) and the packed UpdateInfo of each minibatch [M, K]."""
-    permutation = random_permutation(key, config.batch_size)
-    minibatches = jax.tree.map(
+    Returns the new (params, opt_state) and the UpdateInfo of each minibatch [M]."""
+    permutation = jax.random.permutation(key, config.batch_size)
+    minibatches = jax.tree.map(  # [M, B, ...]
         lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
                                          *x.shape[1:]), batch)
-
-    def minibatch_step(train, minibatch):
-        train, info = update_minibatch(agent, hp, config, ent_coef, lr, train, minibatch)
-        return train, pack(info)
-
+    minibatch_step = functools.partial(update_minibatch, agent, hp, config, ent_coef, lr)
     return jax.lax.scan(minibatch_step, train, minibatches)
 
 
@@ -1042,24 +884,22 @@ def update(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple
     UpdateInfo [epochs, minibatches] and a [epochs] flag of the epochs that ran.
     """
     epoch = functools.partial(update_epoch, agent, hp, config, ent_coef, lr)
+    epoch_keys = jax.random.split(key, config.update_epochs)
     if config.target_kl is None:
-        train, infos = jax.lax.scan(lambda t, k: epoch(t, batch, k), train,
-                                    jax.random.split(key, config.update_epochs))
-        return train, unpack_update_info(infos), jnp.ones(config.update_epochs, bool)
-
-    no_info = jnp.zeros((config.num_minibatches, PACKED_INFO_SIZE))
+        train, infos = jax.lax.scan(lambda t, k: epoch(t, batch, k), train, epoch_keys)
+        return train, infos, jnp.ones(config.update_epochs, bool)
 
     def epoch_step(carry, epoch_key):
         train, stopped = carry
-        train, info = jax.lax.cond(stopped, lambda t: (t, no_info),
-                                   lambda t: epoch(t, batch, epoch_key), train)
+        skipped = lambda t: (t, jax.tree.map(jnp.zeros_like, info_shape))
+        train, info = jax.lax.cond(stopped, skipped, lambda t: epoch(t, batch, epoch_key), train)
         ran = ~stopped
-        stopped = stopped | (unpack_update_info(info).loss.approx_kl.mean() > hp.target_kl)
+        stopped = stopped | (info.loss.approx_kl.mean() > hp.target_kl)
         return (train, stopped), (info, ran)
 
-    (train, _), (infos, ran) = jax.lax.scan(epoch_step, (train, jnp.array(False)),
-                                            jax.random.split(key, config.update_epochs))
-    return train, unpack_update_info(infos), ran
+    info_shape = jax.eval_shape(epoch, train, batch, epoch_keys[0])[1]
+    (train, _), (infos, ran) = jax.lax.scan(epoch_step, (train, jnp.array(False)), epoch_keys)
+    return train, infos, ran
 
 
 # ── Train ─────────────────────────────────────────────────────────────────────────────────
@@ -1089,10 +929,11 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
 
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
-                state: RunnerState):
+                state: RunnerState, diagnose=None):
     """One PPO iteration: a rollout, advantages, then the learning phase.
 
-    Returns the new RunnerState and this update's metrics (scalars)."""
+    Returns the new RunnerState and this update's metrics (scalars). `diagnose` (see
+    make_diagnose, below the boundary) may add costlier diagnostics; PPO does not need it."""
     state, traj, finished = collect_rollout(env, env_params, spec, agent, config.num_steps,
                                             hp.gamma, state)
     batch = rollout_to_batch(agent, state.params, traj, hp.gamma, hp.gae_lambda,
@@ -1105,22 +946,9 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
     state = state.replace(params=params, opt_state=opt_state, key=key, update=state.update + 1)
     metrics = summarize_update(spec, finished, batch, infos, ran, params_before, state.params,
                                lr, ent_coef)
-    if config.diagnostics:
-        probe = jnp.where(state.update == 1, subsample(batch.obs, PROBE_SIZE), state.probe)
-        state = state.replace(probe=probe)
-        first = jax.tree.map(lambda x: x[:config.minibatch_size], batch)
-
-        def occasional():  # every OCCASIONAL_EVERY updates, starting with the first
-            return {**loss_term_grad_norms(agent, params_before, first, hp, ent_coef,
-                                           config.clip_value_loss),
-                    **representation_diagnostics(agent, state.params, probe, config.activation)}
-
-        nan = {k: jnp.full(v.shape, jnp.nan, v.dtype)
-               for k, v in jax.eval_shape(occasional).items()}
-        metrics.update(jax.lax.cond(state.update % OCCASIONAL_EVERY == 1, occasional,
-                                    lambda: nan))
-        if spec.discrete:
-            metrics.update(exploration_split(agent, params_before, batch))
+    if diagnose is not None:
+        state, more = diagnose(state, batch, params_before, ent_coef)
+        metrics.update(more)
     return state, metrics
 
 
@@ -1129,9 +957,8 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
     """One update's metrics, each a scalar: losses and statistics averaged over every
     minibatch of the epochs that ran (never the last sample), plus diagnostics of the
     rollout batch and of how far the optimizer moved each network."""
-    weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape) / (
-        ran.sum() * infos.grad_norm.shape[1])
-    means = unpack_update_info(jnp.tensordot(weights, pack(infos), axes=2))  # one contraction
+    weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape)  # [epochs, M]
+    means = jax.tree.map(lambda x: jnp.sum(x * weights) / jnp.sum(weights), infos)
     episodes = jnp.maximum(finished.count, 1)
     metrics = {
         "episode_return": jnp.where(finished.count > 0, finished.return_sum / episodes, jnp.nan),
@@ -1157,19 +984,56 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
         metrics.update(max_prob=means.loss.max_prob,
                        entropy_normalized=means.loss.entropy_normalized)
     for net in ("actor", "critic"):  # what the optimizer actually did to each network
-        # As one vector per network: a norm over the leaves one by one costs a kernel each.
-        before, after = (jax.flatten_util.ravel_pytree(p[net])[0]
-                         for p in (params_before, params_after))
-        step = jnp.linalg.norm(after - before)
+        step = optax.tree.norm(jax.tree.map(jnp.subtract, params_after[net], params_before[net]))
         metrics.update({f"{net}_update_norm": step,
-                        f"{net}_update_ratio": step / jnp.linalg.norm(before),
-                        f"{net}_param_norm": jnp.linalg.norm(after)})
+                        f"{net}_update_ratio": step / optax.tree.norm(params_before[net]),
+                        f"{net}_param_norm": optax.tree.norm(params_after[net])})
     return metrics
 
 
-# ── Costlier diagnostics (--diagnostics) ──────────────────────────────────────────────────
-# Each looks at a slice of the update (bench.py diagnostics measures their cost);
-# --no-diagnostics removes them from the program.
+def make_train(config: Config):
+    """Build train(key, hparams=None) -> (RunnerState, metrics) for one seed.
+
+    `train` is pure: jit it, vmap it over keys (seeds) and over HParams (a grid). `metrics`
+    maps each name to an array [U]: one value per update, so memory is O(U).
+    """
+    validate_config(config)
+    env, env_params, spec, agent = make_setup(config)
+
+    def train(key, hparams: HParams | None = None):
+        hp = config.hparams() if hparams is None else hparams
+        state = init_runner_state(config, env, env_params, spec, agent, hp, key)
+        diagnose = (make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics
+                    else None)  # --diagnostics: extra metrics only (below the boundary)
+        step = functools.partial(update_step, config, env, env_params, spec, agent, hp,
+                                 diagnose=diagnose)
+        return jax.lax.scan(lambda s, _: step(s), state, length=config.num_updates)
+
+    return train
+
+
+KEY_IMPL = "philox4x32"
+
+
+def make_key(seed: int):
+    """A Philox key: XLA compiles Philox's hash into a few fused ops on every backend (it is
+    the GPU's native generator), where threefry's runs as a loop on CPU (rollouts measured
+    1.5x faster). Its splits are exact under vmap: seed i draws the same numbers alone or
+    batched."""
+    return jax.random.key(seed, impl=KEY_IMPL)
+
+
+def seed_keys(config: Config):
+    """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
+    keys, so settings are compared on the same seeds."""
+    keys = jax.random.split(make_key(config.seed), config.num_seeds)
+    return keys[np.arange(config.num_runs) % config.num_seeds]
+
+
+# ════════════════ above: PPO, nothing else · below: running it as a program ════════════════
+# ── Diagnostics (--diagnostics) ──────────────────────────────────────────────────────────
+# Costlier looks inside an update, each at a slice of it; without --diagnostics they are
+# not in the program at all.
 PROBE_SIZE = 128  # observations of the fixed probe batch
 # Per-term gradients and the probe batch are looked at every OCCASIONAL_EVERY updates (NaN
 # in between). Measured at the standard config: with them every update the diagnostics
@@ -1250,241 +1114,223 @@ def representation_diagnostics(agent: Agent, params, probe, activation: str) -> 
     return metrics
 
 
-# ── Training loop ─────────────────────────────────────────────────────────────────────────
+def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
+    """update_step's `diagnose`: (state, batch, params_before, ent_coef) -> (state, metrics).
+    The probe batch is the first rollout's observations, kept fixed for the whole run."""
+
+    def diagnose(state: RunnerState, batch: Batch, params_before, ent_coef):
+        probe = jnp.where(state.update == 1, subsample(batch.obs, PROBE_SIZE), state.probe)
+        first = jax.tree.map(lambda x: x[:config.minibatch_size], batch)
+
+        def occasional():  # every OCCASIONAL_EVERY updates, starting with the first
+            return {**loss_term_grad_norms(agent, params_before, first, hp, ent_coef,
+                                           config.clip_value_loss),
+                    **representation_diagnostics(agent, state.params, probe, config.activation)}
+
+        nan = {k: jnp.full(v.shape, jnp.nan, v.dtype)
+               for k, v in jax.eval_shape(occasional).items()}
+        metrics = jax.lax.cond(state.update % OCCASIONAL_EVERY == 1, occasional, lambda: nan)
+        if discrete:
+            metrics.update(exploration_split(agent, params_before, batch))
+        return state.replace(probe=probe), metrics
+
+    return diagnose
 
 
-def make_train(config: Config):
-    """Build train(key, hparams=None) -> (RunnerState, metrics) for one seed.
+# ── Runner ────────────────────────────────────────────────────────────────────────────────
+# The command line trains S runs (seeds, or a sweep's settings) side by side with the same
+# update_step as make_train, as jitted chunks of K updates called from a plain Python loop.
+# Between chunks, with the state kept on the device, the host shows progress, appends to
+# metrics.jsonl, saves checkpoints and notices Ctrl-C.
 
-    `train` is pure: jit it, vmap it over keys (seeds) and over HParams (a grid). `metrics`
-    maps each name to an array [U]: one value per update, so memory is O(U).
-    """
-    validate_config(config)
-    env, env_params, spec, agent = make_setup(config)
-
-    def train(key, hparams: HParams | None = None):
-        hp = config.hparams() if hparams is None else hparams
-        state = init_runner_state(config, env, env_params, spec, agent, hp, key)
-        step = functools.partial(update_step, config, env, env_params, spec, agent, hp)
-        return jax.lax.scan(lambda s, _: step(s), state, length=config.num_updates)
-
-    return train
+# About this many env steps (over all runs) per chunk: at the standard config that is 64
+# updates, about 0.2 s on a CPU core, so the call and the host's work between chunks are
+# well under 2 % of training (benchmarks/bench.py chunks).
+CHUNK_STEPS = 1 << 15
+# Metrics that must stay finite: a NaN or inf in any of them stops training and keeps the
+# last good state. A parameter norm is finite exactly when every parameter is.
+GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm",
+           "actor_param_norm", "critic_param_norm")
 
 
-KEY_IMPL = "philox4x32"
+def hparam_axes(hp: HParams) -> HParams:
+    """vmap axes of HParams: 0 for the fields a sweep gives per run, None for scalars."""
+    return HParams(*(0 if jnp.ndim(v) else None for v in hp))
 
 
-def make_key(seed: int):
-    """A Philox key. On CPU, threefry's hash runs as a rolled 5-iteration loop per call;
-    Philox's compiles to a few fused ops, which made the rollout 1.5x faster here. Both are
-    exact under vmap, so seed i trains the same alone or batched."""
-    return jax.random.key(seed, impl=KEY_IMPL)
+def updates_done(state: RunnerState) -> int:
+    """Updates finished by the runs of a batched RunnerState (all runs move together)."""
+    return int(np.asarray(state.update)[0])
 
 
-def seed_keys(config: Config):
-    """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
-    keys, so settings are compared on the same seeds."""
-    return split_seed(config.seed, config.num_seeds, config.num_runs)
+def make_one_update(config: Config, setup: Setup):
+    """(hp, state [S]) -> (state, metrics {name: [S]}): update_step for every run, plus an
+    evaluation when --eval-every says so."""
+    env, env_params, spec, agent = setup
 
+    def step(hp: HParams, state: RunnerState):
+        diagnose = (make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics
+                    else None)
+        return update_step(config, env, env_params, spec, agent, hp, state, diagnose)
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def split_seed(seed: int, num_seeds: int, num_runs: int):
-    """seed_keys as one program: op by op, its nine small programs took 0.5 s to compile at
-    every start, this one 0.18 s (the same keys)."""
-    keys = jax.random.split(make_key(seed), num_seeds)
-    return keys[np.arange(num_runs) % num_seeds]
+    def one_update(hp: HParams, state: RunnerState):
+        # The update counter is the same for every run. Passed unbatched, conditions on it
+        # (the occasional diagnostics) stay branches, not selects.
+        state = state.replace(update=state.update[0])
+        if config.num_runs == 1:  # vmap over one run would still batch every matmul
+            alone = jax.tree.map(lambda x: x[0], state.replace(update=None))
+            hp_alone = HParams(*(v[0] if jnp.ndim(v) else v for v in hp))
+            state, metrics = step(hp_alone, alone.replace(update=state.update))
+            state, metrics = jax.tree.map(lambda x: x[None], (state, metrics))
+        else:
+            state_axes = jax.tree.map(lambda _: 0, state).replace(update=None)
+            state, metrics = jax.vmap(step, in_axes=(hparam_axes(hp), state_axes))(hp, state)
+        if config.eval_every:
+            done = state.update[0]
+            due = (done % config.eval_every == 0) | (done == config.num_updates)
+            nan = jnp.full(config.num_runs, jnp.nan)
+            keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
+                                    config.num_runs)
+            evaluate_now = lambda: tuple(r.mean(axis=-1) for r in evaluate_runs(
+                setup, state, keys, config.eval_episodes))
+            evals = jax.lax.cond(due, evaluate_now, lambda: (nan, nan))
+            metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
+        return state, metrics
 
-
-def xla_cpu_threads() -> int:
-    """How many threads XLA:CPU runs a program on: PJRT_NPROC if set (read when JAX starts;
-    see set_cpu_threads), else one per core this process may use."""
-    with contextlib.suppress(KeyError, ValueError):
-        return int(os.environ["PJRT_NPROC"])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def cpu_compile_options(runs_once: bool = False) -> dict | None:
-    """XLA:CPU settings for init (runs_once) and run; measured in benchmarks/README.md.
-
-    - The fast-compile preset: 11 % less compile time for the CartPole preset (3.6 against
-      4.0 s), no slower to run; compile time is most of a short run's wall time.
-    - runs_once (init): also XLA:CPU's MLIR fusion emitters off. On the CartPole preset's
-      init, 4 fresh processes each: 3.25 -> 2.77 s to compile, peak RSS 405 -> 315 MB, and
-      the same initial state, bitwise. `run` keeps them: without, the CartPole preset
-      trained at 42-49k steps/s against 88-90k.
-    - `run` on one XLA thread: copy insertion with region analysis. XLA then copies less of
-      the loop state at every step of the rollout scan (63 -> 53 kernels a step at the
-      standard config): 6.5 % more steps/s at the standard config, 8 % on the CartPole
-      preset, the same numbers bitwise. On two threads it cost 7 % at 256 envs.
-    - `run` on a CPU with AVX-512: XLA's own kernels (tanh, Adam, the env) vectorized
-      512 bits wide instead of XLA's default of 256. On the Zen 4, interleaved: 2.8 % more
-      steps/s at the standard config, 1.2 % on the CartPole preset, 2.5 % with 8 vmapped
-      seeds. Set only where the CPU has AVX-512; measured on the Zen 4 alone."""
-    if jax.default_backend() != "cpu":
-        return None
-    options = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
-    if runs_once:
-        options["xla_cpu_use_fusion_emitters"] = False
-        return options
-    if xla_cpu_threads() == 1:
-        options["xla_cpu_copy_insertion_use_region_analysis"] = True
-    if cpu_has_avx512():
-        options["xla_cpu_prefer_vector_width"] = 512
-    return options
-
-
-@functools.cache
-def cpu_has_avx512() -> bool:
-    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False where unknown)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        return any(line.startswith("flags") and " avx512f" in line for line in f)
-    return False
-
-
-# What stopped the training loop before its last update (Loop.stop).
-RUNNING, STOPPED, NONFINITE = 0, 1, 2
-# Metrics that must stay finite; a NaN or inf in any of them, or in the parameters, stops
-# training and keeps the last good state.
-GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm")
-
-
-class Loop(struct.PyTreeNode):
-    """The state of a whole training run of S seeds: what a checkpoint holds."""
-
-    runner: RunnerState  # [S] one RunnerState per seed; runner.update counts finished updates
-    history: dict  # {metric: [U, S]}; rows beyond the finished updates are zeros
-    stop: jax.Array  # int32: RUNNING, STOPPED (the host asked) or NONFINITE
-    bad_metric: jax.Array  # int32 index into GUARDED + ("parameters",) when stop == NONFINITE
-
-    @property
-    def updates_done(self) -> int:
-        return int(np.asarray(self.runner.update)[0])  # on the host: no program to compile
-
-    def metrics(self) -> dict:
-        """{metric: [S, updates done]} as NumPy arrays."""
-        done = self.updates_done
-        return {k: np.asarray(v)[:done].T for k, v in self.history.items()}
-
-
-def report_to_host(on_report, done, episode_return):
-    """make_runner's progress call: on_report(updates done, episode_return [S]) -> (the next
-    update to report at, whether to stop)."""
-    result = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), bool))
-    return io_callback(on_report, result, done, episode_return)
+    return one_update
 
 
 class Runner(NamedTuple):
-    """Two jitted programs: init(keys, hparams=None) -> Loop, and run(loop, hparams=None) ->
-    Loop, which trains until the last update or a stop. A resumed run calls the same `run`
-    on a loaded Loop, so it computes bitwise what the uninterrupted run would have."""
+    """Two jitted functions for S runs side by side (keys [S]; HParams fields are scalars,
+    or [S] in a sweep):
+
+      init(keys, hparams=None) -> RunnerState [S]
+      chunk(state, stop_at, hparams=None) -> (state, metrics {name: [K, S]}, bad)
+        runs up to K = chunk_updates updates, none at or past update `stop_at`, and stops at
+        the first update with a non-finite GUARDED metric, which is not kept (bad: its
+        index in GUARDED, else -1). Rows of updates not run hold zeros.
+
+    A resumed run calls the same chunk on a loaded state, so it computes bitwise what the
+    uninterrupted run would have."""
 
     init: Any
-    run: Any
+    chunk: Any
+    chunk_updates: int
 
 
-def make_runner(config: Config, on_report=None, on_checkpoint=None) -> Runner:
-    """Build the training loop that the command line uses: S seeds, or S hyperparameter
-    settings, side by side in one jit (keys [S]; HParams fields are scalars or [S]).
-
-    The loop over updates is a lax.while_loop outside the vmap over seeds, so host calls come
-    once for all seeds. These are the file's only host calls, both through io_callback:
-      on_report(updates_done, episode_return [S]) -> (next update to report at, stop?)
-        lets the host show progress a few times a second and ask the loop to stop (Ctrl-C);
-      on_checkpoint(loop) every config.save_every updates.
-    With neither, the program has no host call, and JAX's persistent cache can keep it; with
-    either, cache_programs_with_host_calls lets it.
-    """
+def make_runner(config: Config) -> Runner:
     validate_config(config)
-    env, env_params, spec, agent = make_setup(config)
-    axes = lambda hp: HParams(*(0 if jnp.ndim(v) else None for v in hp))
+    setup = make_setup(config)
+    one_update = make_one_update(config, setup)
+    chunk_updates = max(1, min(config.num_updates,
+                               CHUNK_STEPS // (config.batch_size * config.num_runs)))
 
-    def evaluate_seeds(runner: RunnerState, done):
-        """Mean deterministic and stochastic return of each seed's current policy: 2 x [S]."""
-        keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
-                                config.num_runs)
-        returns = evaluate_runs(Setup(env, env_params, spec, agent), runner, keys,
-                                config.eval_episodes)
-        return tuple(r.mean(axis=-1) for r in returns)
-
-    @jax.jit  # traced once per process: init's eval_shape and run's loop share the trace
-    def one_update(hp, runner):
-        """update_step for every seed, plus an evaluation when --eval-every says so."""
-        step = functools.partial(update_step, config, env, env_params, spec, agent)
-        # The update counter is the same for every seed. Passed unbatched, conditions on it
-        # (the occasional diagnostics) stay branches, not selects.
-        runner = runner.replace(update=runner.update[0])
-        if config.num_runs == 1:
-            # A vmap over one run still batches every matmul: measured at the standard
-            # config, make_train trained 111k steps/s vmapped over one key, 124k without.
-            first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-            alone = first(runner.replace(update=None)).replace(update=runner.update)
-            runner, metrics = step(HParams(*(v[0] if jnp.ndim(v) else v for v in hp)), alone)
-            runner, metrics = jax.tree.map(lambda x: x[None], (runner, metrics))
-        else:
-            runner_axes = jax.tree.map(lambda _: 0, runner).replace(update=None)
-            runner, metrics = jax.vmap(step, in_axes=(axes(hp), runner_axes))(hp, runner)
-        if config.eval_every:
-            done = runner.update[0]
-            due = (done % config.eval_every == 0) | (done == config.num_updates)
-            nan = jnp.full(config.num_runs, jnp.nan)
-            evals = jax.lax.cond(due, lambda: evaluate_seeds(runner, done), lambda: (nan, nan))
-            metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
-        return runner, metrics
-
-    @functools.partial(jax.jit, compiler_options=cpu_compile_options(runs_once=True))
-    def init(keys, hparams: HParams | None = None) -> Loop:
+    @jax.jit
+    def init(keys, hparams: HParams | None = None) -> RunnerState:
         hp = config.hparams() if hparams is None else hparams
-        init_one = functools.partial(init_runner_state, config, env, env_params, spec, agent)
-        runner = jax.vmap(init_one, in_axes=(axes(hp), 0))(hp, keys)
+        init_one = functools.partial(init_runner_state, config, *setup)
+        state = jax.vmap(init_one, in_axes=(hparam_axes(hp), 0))(hp, keys)
         # Strong dtypes throughout (gymnax's time counters start weakly typed), as a loaded
-        # checkpoint has them: a fresh and a resumed Loop then share one compiled `run`, and
-        # `run` reuses the trace of one_update made here.
-        runner = jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), runner)
-        rows = jax.eval_shape(one_update, hp, runner)[1]
-        history = {k: jnp.zeros((config.num_updates, *v.shape), v.dtype) for k, v in rows.items()}
-        return Loop(runner, history, jnp.int32(RUNNING), jnp.int32(-1))
+        # checkpoint has them: a fresh and a resumed state share one compiled chunk.
+        return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), state)
 
-    def loop_body(hp, carry):
-        loop, next_report = carry
-        done = loop.runner.update[0] + 1
-        runner, metrics = one_update(hp, loop.runner)
-        # A parameter norm is finite exactly when every parameter is (or one passed 1e19,
-        # which is as broken): one check per network instead of one per leaf.
-        finite = jnp.stack([jnp.isfinite(metrics[k]).all() for k in GUARDED]
-                           + [jnp.isfinite(metrics["actor_param_norm"]).all()
-                              & jnp.isfinite(metrics["critic_param_norm"]).all()])
-        ok = finite.all()
-        # A non-finite update is not kept: the loop ends on the last good state. One branch,
-        # not a select per leaf: 24 fewer fusions to compile in the CartPole preset's run.
-        runner = jax.lax.cond(ok, lambda: runner, lambda: loop.runner)
-        loop = loop.replace(
-            runner=runner,
-            history={k: h.at[done - 1].set(metrics[k]) for k, h in loop.history.items()},
-            stop=jnp.where(ok, loop.stop, NONFINITE),
-            bad_metric=jnp.where(ok, loop.bad_metric, jnp.argmin(finite)))
-        if on_checkpoint is not None and config.save_every:
-            due = ok & (done % config.save_every == 0) & (done < config.num_updates)
-            jax.lax.cond(due, lambda: io_callback(on_checkpoint, None, keys_to_data(loop)),
-                         lambda: None)
-        if on_report is not None:
-            report = lambda: report_to_host(on_report, done, metrics["episode_return"])
-            next_report, stop = jax.lax.cond(
-                (done >= next_report) | (done == config.num_updates) | ~ok, report,
-                lambda: (next_report, jnp.array(False)))
-            loop = loop.replace(stop=jnp.where(stop & ok, STOPPED, loop.stop))
-        return loop, next_report
-
-    def keep_going(carry):
-        loop, _ = carry
-        return (loop.runner.update[0] < config.num_updates) & (loop.stop == RUNNING)
-
-    @functools.partial(jax.jit, compiler_options=cpu_compile_options())
-    def run(loop: Loop, hparams: HParams | None = None) -> Loop:
+    @jax.jit
+    def chunk(state: RunnerState, stop_at, hparams: HParams | None = None):
         hp = config.hparams() if hparams is None else hparams
-        carry = (loop.replace(stop=jnp.int32(RUNNING)), jnp.int32(1))
-        return jax.lax.while_loop(keep_going, functools.partial(loop_body, hp), carry)[0]
+        no_metrics = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                  jax.eval_shape(one_update, hp, state)[1])
 
-    return Runner(init, run)
+        def guarded_update(state: RunnerState, bad):
+            new_state, metrics = one_update(hp, state)
+            finite = jnp.stack([jnp.isfinite(metrics[k]).all() for k in GUARDED])
+            ok = finite.all()
+            state = jax.lax.cond(ok, lambda: new_state, lambda: state)
+            return state, metrics, jnp.where(ok, bad, jnp.argmin(finite).astype(jnp.int32))
+
+        def chunk_step(carry, _):
+            state, bad = carry
+            active = (state.update[0] < stop_at) & (bad < 0)
+            state, metrics, bad = jax.lax.cond(active, guarded_update,
+                                               lambda s, b: (s, no_metrics, b), state, bad)
+            return (state, bad), metrics
+
+        (state, bad), metrics = jax.lax.scan(chunk_step, (state, jnp.int32(-1)),
+                                             length=chunk_updates)
+        return state, metrics, bad
+
+    return Runner(init, chunk, chunk_updates)
+
+
+def run_chunk(chunk, state: RunnerState, stop_at: int, hparams: HParams | None = None):
+    """One call of a Runner's chunk (or its compiled form): (state, metrics {name: [S, n]}
+    as NumPy for the n updates it ran, bad)."""
+    before = updates_done(state)
+    args = (state, jnp.int32(stop_at)) + (() if hparams is None else (hparams,))
+    state, metrics, bad = chunk(*args)
+    ran = updates_done(state) - before
+    return state, {k: np.asarray(v)[:ran].T for k, v in metrics.items()}, int(bad)
+
+
+def train_runs(config: Config, runner: Runner, state: RunnerState, stop_at: int | None = None,
+               hparams: HParams | None = None):
+    """Chunks until update `stop_at` (default: the last) or a non-finite update, from
+    Python: (state, metrics {name: [S, updates run]}, bad)."""
+    stop_at = config.num_updates if stop_at is None else stop_at
+    parts, bad = [], -1
+    while updates_done(state) < stop_at and bad < 0:
+        state, metrics, bad = run_chunk(runner.chunk, state, stop_at, hparams)
+        parts.append(metrics)
+    return state, concat_metrics(parts), bad
+
+
+def concat_metrics(parts: list[dict]) -> dict:
+    """Chunks' {name: [S, n]} joined along updates."""
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+
+
+class CtrlC:
+    """SIGINT for a command-line run. While the run starts, Ctrl-C aborts it (nothing to
+    save yet); once training, the first stops the host loop after the chunk under way, which
+    is then saved, and a second aborts (every file was written atomically, so the last
+    checkpoint is whole). Presses are counted, so one that Python drops is still acted on:
+    raised inside a garbage-collector callback (JAX has one), KeyboardInterrupt is printed
+    as "Exception ignored" and lost."""
+
+    def __init__(self):
+        self.presses, self.training = 0, False
+
+    def handler(self, signum, frame):
+        self.presses += 1
+        if self.training and self.presses == 1:
+            print("\nstopping after this chunk to save a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)
+            return
+        raise KeyboardInterrupt
+
+    def start_training(self) -> None:
+        """From here on the first Ctrl-C stops gracefully; raises one that was dropped."""
+        if self.presses:
+            raise KeyboardInterrupt
+        self.training = True
+
+
+@contextlib.contextmanager
+def handle_ctrl_c():
+    """Install CtrlC's handler (in the main thread only) and hide dropped Ctrl-Cs."""
+    ctrl_c = CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield ctrl_c
+        return
+    previous, previous_hook = signal.signal(signal.SIGINT, ctrl_c.handler), sys.unraisablehook
+    sys.unraisablehook = lambda dropped: (None if issubclass(dropped.exc_type, KeyboardInterrupt)
+                                          else previous_hook(dropped))
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 # ── Evaluation ────────────────────────────────────────────────────────────────────────────
@@ -1533,21 +1379,21 @@ def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, ke
     return end.returns
 
 
-def evaluate_runs(setup: Setup, runner: RunnerState, keys, num_episodes: int):
+def evaluate_runs(setup: Setup, state: RunnerState, keys, num_episodes: int):
     """Returns of every run's deterministic and stochastic policy: two [S, E] arrays."""
     run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
         *setup, params, stats, key, num_episodes, deterministic))(
-            runner.params, runner.norm.obs, keys)
+            state.params, state.norm.obs, keys)
     return run(True), run(False)
 
 
-def policy_of(loop: Loop, run: int):
+def policy_of(state: RunnerState, run: int):
     """Run `run`'s parameters and frozen observation statistics (None without them)."""
-    return jax.tree.map(lambda x: x[run], (loop.runner.params, loop.runner.norm.obs))
+    return jax.tree.map(lambda x: x[run], (state.params, state.norm.obs))
 
 
-def load_run(run_dir: str) -> tuple[Config, Loop]:
-    """A run folder's config and its last checkpoint."""
+def load_run(run_dir: str) -> tuple[Config, RunnerState]:
+    """A run folder's config and the state [S] of its last checkpoint."""
     config = read_config(run_dir)
     template = jax.eval_shape(make_runner(config).init, seed_keys(config))
     return config, load_checkpoint(config, run_dir, template)
@@ -1560,12 +1406,12 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
     It applies the run's frozen observation normalization, clips continuous actions to
     the env's bounds, and accepts an optional legal-action `mask` for masked envs.
     """
-    config, loop = load_run(run_dir)
+    config, state = load_run(run_dir)
     if not 0 <= seed < config.num_runs:
         raise ConfigError(f"seed {seed} is not in {run_dir}, which trained runs 0 to "
                           f"{config.num_runs - 1}")
     _, _, spec, agent = make_setup(config)
-    params, obs_stats = policy_of(loop, seed)
+    params, obs_stats = policy_of(state, seed)
 
     @jax.jit
     def act(obs, mask, key):
@@ -1600,13 +1446,14 @@ def check_renderable(env_id: str) -> None:
                           f"{', '.join(RENDERABLE)}")
 
 
-def render_episode(config: Config, loop: Loop, path: str, seed: int = 0, key=None) -> float:
+def render_episode(config: Config, state: RunnerState, path: str, seed: int = 0,
+                   key=None) -> float:
     """Save a GIF of one deterministic episode of trained seed `seed`'s policy through
     gymnax's Visualizer (classic control, MinAtar and a few others), on episode key `key`
     (default: make_key(0)). Returns the episode's return."""
     check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
-    params, obs_stats = policy_of(loop, seed)
+    params, obs_stats = policy_of(state, seed)
     max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))
 
     @jax.jit
@@ -1648,126 +1495,7 @@ def render_episode(config: Config, loop: Loop, path: str, seed: int = 0, key=Non
     return float(rewards[:length].sum())
 
 
-# ── Progress, outputs and checkpoints ─────────────────────────────────────────────────────
-
-
-class Progress:
-    """The host end of make_runner's on_report: the live progress bar, and the way Ctrl-C
-    reaches the jitted loop (a stop request, answered at the next report).
-
-    The bar opens at the first report, after compiling, so its rate is the training speed.
-    """
-
-    REPORTS_PER_SECOND = 4
-
-    def __init__(self, config: Config, show: bool = True):
-        self.config, self.show = config, show
-        self.bar = None
-        self.last_update = 0  # a resumed run starts at its checkpoint's update
-        self.stop_requested = False
-
-    def __call__(self, update, episode_return):
-        from tqdm import tqdm
-
-        update, now = int(update), time.perf_counter()
-        if self.bar is None:
-            runs = self.config.num_runs
-            label = self.config.env + (f" x{runs}" if runs > 1 else "")
-            self.bar = tqdm(total=self.config.num_updates * self.config.batch_size, unit="step",
-                            initial=self.last_update * self.config.batch_size, unit_scale=True,
-                            dynamic_ncols=True, file=sys.stderr, desc=label, disable=not self.show)
-            self.last_time, self.step = now, 1
-        returns = np.asarray(episode_return)
-        if np.isfinite(returns).any():
-            spread = f" (min {np.nanmin(returns):.1f})" if returns.size > 1 else ""
-            self.bar.set_postfix_str(f"return {np.nanmean(returns):.1f}{spread}", refresh=False)
-        self.bar.update((update - self.last_update) * self.config.batch_size)
-        # Ask to be called again after about 1/REPORTS_PER_SECOND seconds of training. The
-        # step at most doubles per report: the first reports come microseconds apart, and a
-        # rate measured over them would overshoot to the end of training.
-        rate = (update - self.last_update) / max(now - self.last_time, 1e-9)
-        self.step = max(1, min(int(rate / self.REPORTS_PER_SECOND), 2 * self.step))
-        self.last_update, self.last_time = update, now
-        return (np.int32(min(update + self.step, self.config.num_updates)),
-                np.bool_(self.stop_requested))
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-@contextlib.contextmanager
-def ctrl_c_not_lost():
-    """Ctrl-C raises KeyboardInterrupt wherever the main thread is, and inside a garbage
-    collector callback (JAX registers one, and tracing collects often) Python prints it as
-    "Exception ignored" with a traceback, and drops it: the run went on to train. Here each
-    Ctrl-C is also noted, a dropped one is not printed, and it is raised again when the
-    block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-
-    def handler(signum, frame):
-        pressed.append(signum)
-        raise KeyboardInterrupt
-
-    def unraisable(dropped):
-        if not issubclass(dropped.exc_type, KeyboardInterrupt):
-            previous_hook(dropped)
-
-    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
-    sys.unraisablehook = unraisable
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        sys.unraisablehook = previous_hook
-    if pressed:  # reached only if no KeyboardInterrupt left the block
-        raise KeyboardInterrupt
-
-
-def run_stoppable(progress: Progress | None, fn):
-    """fn(), where the first Ctrl-C asks the training loop to stop after the current update
-    (it is then checkpointed) and a second one aborts at once.
-
-    Python runs signal handlers only in the main thread, and not while that thread waits
-    inside XLA: so fn runs in a worker thread while the main thread waits in short naps.
-    Without a report channel (progress is None), Ctrl-C raises KeyboardInterrupt as usual.
-    """
-    if progress is None:
-        return fn()
-
-    def handler(signum, frame):
-        if progress.stop_requested:
-            # The worker is still inside XLA, which calls back into Python: unwinding the
-            # interpreter under it can crash, so leave at once. Every file on disk was
-            # written atomically, so the last checkpoint is whole.
-            print("\naborted; the last checkpoint on disk is intact", file=sys.stderr)
-            os._exit(130)
-        progress.stop_requested = True
-        print("\nstopping after this update to save a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
-
-    outcome = {}
-
-    def work():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed to the main thread below
-            outcome["error"] = error
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.1)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+# ── Outputs and checkpoints ──────────────────────────────────────────────────────────────
 
 
 def write_atomic(path: str, data) -> None:
@@ -1790,14 +1518,15 @@ def config_json(config: Config) -> str:
     return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
 
 
-def metrics_jsonl(config: Config, metrics: dict, runs=None):
-    """One JSON object per update per run (default: every run); NaN (no episode finished)
-    becomes null. In a sweep, each row also gives its setting's index and swept values
+def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 0):
+    """One JSON object per update per run (default: every run) of {name: [S, n]}, whose
+    first column is update `first_update`; NaN (no episode finished) becomes null. In a sweep, each row also gives its setting's index and swept values
     ("setting": 1, "sweep": {"learning_rate": 0.001}); "seed" counts within a setting.
     Yields the lines, so a long run's file is never held in memory whole."""
     host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
     settings = config.settings
-    for update in range(next(iter(host.values())).shape[1]):
+    for column in range(next(iter(host.values())).shape[1]):
+        update = first_update + column
         for run in range(config.num_runs) if runs is None else runs:
             row = {"update": update, "seed": run % config.num_seeds,
                    "env_steps": (update + 1) * config.batch_size}
@@ -1805,7 +1534,7 @@ def metrics_jsonl(config: Config, metrics: dict, runs=None):
                 row.update(setting=run // config.num_seeds,
                            sweep=settings[run // config.num_seeds])
             for name, values in host.items():
-                value = values[run, update].item()
+                value = values[run, column].item()
                 row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
             yield json.dumps(row) + "\n"
 
@@ -1831,15 +1560,6 @@ def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
            title=config.env)
     ax.legend(loc="best", fontsize="small")
     save_figure(fig, path)
-
-
-def import_plotting() -> None:
-    """Import matplotlib's Figure, Agg canvas and tickers (0.4 to 0.7 s). Run in a thread
-    during training; a failure is left for the plot itself to report."""
-    with contextlib.suppress(Exception):
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-        import matplotlib.ticker  # noqa: F401
 
 
 def new_figure(**kwargs):
@@ -1905,27 +1625,25 @@ def plot_diagnostics(config: Config, metrics: dict, path: str) -> None:
 
 
 class TensorBoard:
-    """--tensorboard: every metric of every seed as a TensorBoard scalar, against env steps.
-    Rows are written when a checkpoint is, so what TensorBoard shows is what is saved."""
+    """--tensorboard: every metric of every run as a TensorBoard scalar, against env steps,
+    written after each chunk."""
 
-    def __init__(self, config: Config, out: str, first_update: int):
+    def __init__(self, config: Config, out: str):
         from tensorboardX import SummaryWriter
 
-        self.config, self.written = config, first_update
+        self.config = config
         self.writers = [SummaryWriter(os.path.join(out, "tensorboard", f"seed_{seed}"))
                         for seed in range(config.num_runs)]
 
-    def write(self, metrics: dict) -> None:
-        """Add the updates finished since the last call; {name: [S, updates done]}."""
-        done = next(iter(metrics.values())).shape[1]
+    def write(self, metrics: dict, first_update: int) -> None:
+        """Add updates first_update, first_update + 1, ...: {name: [S, n]}."""
         for seed, writer in enumerate(self.writers):
-            for update in range(self.written, done):
-                for name, values in metrics.items():
-                    value = float(values[seed, update])
+            for name, values in metrics.items():
+                for i, value in enumerate(np.asarray(values[seed], np.float64)):
                     if math.isfinite(value):  # NaN: no episode ended, or no evaluation
-                        writer.add_scalar(name, value, (update + 1) * self.config.batch_size)
+                        step = (first_update + i + 1) * self.config.batch_size
+                        writer.add_scalar(name, value, step)
             writer.flush()
-        self.written = done
 
     def close(self) -> None:
         for writer in self.writers:
@@ -1939,15 +1657,73 @@ def final_returns(metrics: dict) -> np.ndarray:
     return np.array(last)
 
 
+def read_metrics(config: Config, path: str, updates: int) -> dict:
+    """The first `updates` updates of a metrics.jsonl as {name: [S, updates]} (null -> NaN),
+    for a resumed run's plots and summary. Rows past them (a killed run's last chunk, or a
+    half-written line) are left out; raises CheckpointError if any of them is missing."""
+    rows = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("update", updates) < updates:
+                    rows[row["update"], row.get("setting", 0) * config.num_seeds + row["seed"]] = row
+    if len(rows) < updates * config.num_runs:
+        raise CheckpointError(f"{path} holds {len(rows)} of the {updates * config.num_runs} rows "
+                              "the checkpoint covers; restore it from a copy to resume")
+    if not rows:
+        return {}
+    names = [k for k in rows[0, 0] if k not in ("update", "seed", "setting", "sweep",
+                                                 "env_steps")]
+    return {name: np.array([[np.nan if rows[u, r][name] is None else rows[u, r][name]
+                             for u in range(updates)] for r in range(config.num_runs)])
+            for name in names}
 
-# A checkpoint is the whole Loop (parameters, optimizer state, schedule counter, normalizer
-# statistics, env states, RNG keys, episode statistics, the metrics so far) in flax msgpack:
-# no pickle, so loading a checkpoint cannot run code.
+
+class MetricsLog:
+    """Where each chunk's metrics go: appended to metrics.jsonl (and TensorBoard), and kept
+    on the host as NumPy for the plots and the summary (O(updates), not O(steps))."""
+
+    def __init__(self, config: Config, out: str, first_update: int):
+        self.config, self.path = config, os.path.join(out, "metrics.jsonl")
+        self.parts = []
+        if first_update:  # a resume: the metrics so far, and the file cut back to them
+            self.parts.append(read_metrics(config, self.path, first_update))
+            write_atomic(self.path, metrics_jsonl(config, self.parts[0]))
+        else:
+            write_atomic(self.path, "")
+        self.done = first_update
+        self.tensorboard = None
+        if config.tensorboard:
+            self.tensorboard = TensorBoard(config, out)
+            if first_update:  # turned on at a resume: write the earlier updates too
+                self.tensorboard.write(self.parts[0], 0)
+
+    def append(self, metrics: dict) -> None:
+        """Add {name: [S, n]}: the n updates after the last ones added."""
+        with open(self.path, "a") as f:
+            f.writelines(metrics_jsonl(self.config, metrics, first_update=self.done))
+        if self.tensorboard is not None:
+            self.tensorboard.write(metrics, self.done)
+        self.parts.append(metrics)
+        self.done += next(iter(metrics.values())).shape[1]
+
+    def metrics(self) -> dict:
+        return concat_metrics(self.parts)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# A checkpoint is the RunnerState of every run (parameters, optimizer state, update counter,
+# normalizer statistics, env states, RNG keys, episode statistics) in flax msgpack: no
+# pickle, so loading a checkpoint cannot run code. The metrics so far are in metrics.jsonl,
+# which is appended to after every chunk, before any checkpoint that covers those updates.
 CHECKPOINT = "checkpoint.msgpack"
-CHECKPOINT_FORMAT = 2  # 2: RunnerState gained the diagnostics probe batch
+CHECKPOINT_FORMAT = 3  # 3: the RunnerState alone; the metrics live in metrics.jsonl
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
-RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume",
-               "cpu_threads")
+RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
 
 
 class CheckpointError(ConfigError):
@@ -1959,25 +1735,24 @@ def is_key(x) -> bool:
 
 
 def keys_to_data(tree):
-    """Typed PRNG keys -> their raw uint32 data, which msgpack and io_callback can carry."""
+    """Typed PRNG keys -> their raw uint32 data, which msgpack can carry."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
-def checkpoint_bytes(config: Config, loop: Loop) -> bytes:
-    host = jax.tree.map(np.asarray, keys_to_data(loop))
+def checkpoint_bytes(config: Config, state: RunnerState) -> bytes:
+    host = jax.tree.map(np.asarray, keys_to_data(state))
     train_config = {k: list(v) if isinstance(v, tuple) else v
                     for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
     return serialization.msgpack_serialize({"format": CHECKPOINT_FORMAT, "config": train_config,
-                                            "loop": serialization.to_state_dict(host)})
+                                            "state": serialization.to_state_dict(host)})
 
 
-def save_checkpoint(config: Config, out: str, loop: Loop) -> None:
-    """Write the checkpoint and the metrics it holds, each atomically (temp file, rename)."""
-    write_atomic(os.path.join(out, CHECKPOINT), checkpoint_bytes(config, loop))
-    write_atomic(os.path.join(out, "metrics.jsonl"), metrics_jsonl(config, loop.metrics()))
+def save_checkpoint(config: Config, out: str, state: RunnerState) -> None:
+    """Write the checkpoint atomically (temporary file, then rename)."""
+    write_atomic(os.path.join(out, CHECKPOINT), checkpoint_bytes(config, state))
 
 
-def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
+def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> RunnerState:
     """Read run_dir's checkpoint into the structure of `template` (from jax.eval_shape of
     Runner.init), or raise CheckpointError saying what is wrong."""
     path = os.path.join(run_dir, CHECKPOINT)
@@ -1986,7 +1761,7 @@ def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
     try:
         with open(path, "rb") as f:
             payload = serialization.msgpack_restore(f.read())
-        saved_config, state, version = payload["config"], payload["loop"], payload["format"]
+        saved_config, state, version = payload["config"], payload["state"], payload["format"]
         if not (isinstance(saved_config, dict) and isinstance(state, dict)):
             raise TypeError
     except Exception:
@@ -2004,17 +1779,17 @@ def load_checkpoint(config: Config, run_dir: str, template: Loop) -> Loop:
                                   f"{run_dir}/config.json says {value!r}; it belongs to another run")
     want = jax.eval_shape(keys_to_data, template)
     try:
-        loop = serialization.from_state_dict(want, state)
+        loaded = serialization.from_state_dict(want, state)
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{path} does not fit this version of ppo_jax.py; train "
                               "again") from None
-    for (where, w), x in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(loop)):
+    for (where, w), x in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(loaded)):
         if np.shape(x) != w.shape or np.asarray(x).dtype != w.dtype:
             raise CheckpointError(f"{path} holds {jax.tree_util.keystr(where)} of shape "
                                   f"{np.shape(x)} where {w.shape} is expected; it belongs to "
                                   "another run")
     return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x, impl=KEY_IMPL) if is_key(t)
-                        else jnp.asarray(x), template, loop)
+                        else jnp.asarray(x), template, loaded)
 
 
 def read_config(run_dir: str) -> Config:
@@ -2038,486 +1813,6 @@ def read_config(run_dir: str) -> Config:
         raise CheckpointError(f"{path} is not a valid ppo_jax config; restore it from the "
                               "run's original") from None
     return config
-
-
-# ── Start-up: gymnax's import, XLA's threads, the compile cache ───────────────────────────
-# Plumbing, not PPO: what makes a run start sooner, train faster and peak lower on the CPU.
-
-
-class DeferredModule(types.ModuleType):
-    """Stands in sys.modules for a module, and imports the real one on first attribute use."""
-
-    def __getattr__(self, attr):
-        return getattr(self._load(), attr)
-
-    def __dir__(self):
-        return dir(self._load())
-
-    def __setattr__(self, attr, value):  # plt.show = ... (IPython's %matplotlib does this)
-        if attr.startswith("__"):
-            super().__setattr__(attr, value)
-        else:
-            setattr(self._load(), attr, value)
-
-    def _load(self):
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return importlib.import_module(self.__name__)
-
-
-def import_gymnax():
-    """gymnax, imported on first use, with seaborn and matplotlib.pyplot deferred until
-    something draws.
-
-    gymnax 1.0.1's Pong module imports seaborn (and through it scipy.stats) at import time,
-    only to colour renderings: deferring it took 0.9 s off every start, and the peak RSS
-    of a 2e7-step run from 852 to 694 MB (benchmarks/bench.py cold and memory). Catch and
-    four misc modules (Pong, PointRobot, the two mazes) import pyplot, for the same reason:
-    0.55 s and 28 MB, now paid only by what draws through pyplot (`eval --render`; the
-    learning curve is drawn without it). Whatever uses them later gets the real modules.
-    """
-    for name in ("seaborn", "matplotlib.pyplot"):
-        if name not in sys.modules and (spec := importlib.util.find_spec(name)):
-            stand_in = DeferredModule(name)
-            stand_in.__spec__ = spec  # so importlib.util.find_spec(name) still answers
-            sys.modules[name] = stand_in
-    import gymnax
-
-    return gymnax
-
-
-def small_run(config: Config) -> bool:
-    """Whether one thread trains this config faster than two on a 2-core CPU: one run (no
-    vmap over seeds or settings), at most 64 envs, and hidden-layer matmuls of at most 2^24
-    multiply-adds per minibatch (minibatch size x widest layer^2). Its kernels are too small
-    to share between threads, and the second one mostly spins waiting for work. Measured
-    (benchmarks/README.md, Threads): 19-25 % faster on the standard config, the CartPole
-    preset, 256 x 256 layers and 64 envs; even on Acrobot; slower with 8 seeds, 256 envs
-    and Breakout-MinAtar, which keep JAX's default. Decided from the config alone
-    (importing gymnax starts JAX), so the observation's size, and whether a CNN runs, do
-    not enter."""
-    return (config.num_runs == 1 and config.num_envs <= 64
-            and config.minibatch_size * max(config.hidden_sizes) ** 2 <= 2**24)
-
-
-def set_cpu_threads(config: Config) -> None:
-    """Size XLA:CPU's thread pool: config.cpu_threads, or with 0 one thread for a small_run
-    where no GPU or TPU plugin is installed (accelerator_installed).
-    JAX's CPU client reads PJRT_NPROC when it starts, at the first array, so main() calls
-    this before building anything. With 0, nothing changes if PJRT_NPROC is already set or
-    JAX has already started (main called from Python)."""
-    from jax._src import xla_bridge  # JAX has no public "has the CPU client started?"
-
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if config.cpu_threads:
-        if started:
-            raise ConfigError("--cpu-threads works only before this process first uses JAX; "
-                              f"set PJRT_NPROC={config.cpu_threads} in the environment before "
-                              "starting Python")
-        os.environ["PJRT_NPROC"] = str(config.cpu_threads)
-    elif (not started and "PJRT_NPROC" not in os.environ and small_run(config)
-          and not accelerator_installed()):
-        os.environ["PJRT_NPROC"] = "1"
-
-
-def accelerator_installed() -> bool:
-    """Whether JAX may run on a GPU or TPU here, told without starting it: a plugin is
-    installed (a jax_plugins module or entry point, as JAX finds them, or libtpu) and
-    JAX_PLATFORMS does not ask for the CPU. There, set_cpu_threads leaves PJRT_NPROC alone:
-    it also narrows XLA's GPU compiler, and on an H200 the CartPole preset's `run` then
-    compiled in 27.6 s instead of 4.6."""
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-        return False
-    return (any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
-            or bool(importlib.metadata.entry_points(group="jax_plugins")))
-
-
-# XLA:CPU compiles a while loop into one kernel when its body calls no library and touches
-# fewer bytes than this (XLA's own default: 1 kB). A rollout of a few envs with its actor
-# as matrix-vector products (matvec_rows) is such a loop: 20 to 40 kB at the standard config.
-SMALL_LOOP_BYTES = 1 << 20
-
-
-def raise_xla_loop_threshold() -> None:
-    """Raise XLA:CPU's small-loop size to SMALL_LOOP_BYTES, through XLA_FLAGS. XLA reads
-    those when JAX starts its CPU client, so main() calls this first; nothing changes once
-    JAX has started, or when XLA_FLAGS already sets xla_backend_extra_options. Speed
-    depends on it, the numbers hardly: such a loop is compiled by XLA's other emitter. With
-    4 envs, CartPole, Acrobot and MountainCar trained identically with it and without;
-    Pendulum differed in the last bits. Larger rollouts call YNNPACK: unchanged."""
-    from jax._src import xla_bridge
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if (getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-            or "xla_backend_extra_options" in flags):
-        return
-    threshold = f"xla_cpu_small_while_loop_byte_threshold={SMALL_LOOP_BYTES}"
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_extra_options={threshold}".strip()
-
-
-CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
-# The most each part of ~/.cache/ppo_jax may hold; the least recently used entries go first.
-CACHE_MAX_BYTES = 1 << 30  # JAX's compilation cache (its own eviction; it needs filelock)
-PROGRAMS_MAX_BYTES = 512 << 20  # the program store (evict_programs)
-
-
-def enable_compile_cache() -> None:
-    """Keep compiled programs on disk: a second identical run loads instead of compiling."""
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                         "ppo_jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
-    if importlib.util.find_spec("filelock"):  # else JAX refuses a bounded cache: unbounded
-        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    cache_programs_with_host_calls()
-
-
-def cache_programs_with_host_calls() -> None:
-    """Let the persistent cache also keep programs that call the host through io_callback,
-    as the default run's `run` does for its progress bar: it recompiled every time.
-
-    JAX never stores such a program: it counts the callbacks as part of the compiled code.
-    On CPU in jax 0.10, though, the program names each callback only by its index in a list
-    that is handed over when the executable is loaded, and the loader takes a new list: so
-    a stored program loads back with this process's callbacks (tests/test_compile_cache.py).
-    The entry's key is JAX's own key of the program (its text, indices included; jaxlib
-    version; XLA flags; compile options; devices), plus a suffix. JAX has no public hook
-    for this, so it is done only on jax 0.10 (what requirements.txt pins) and on CPU (GPUs
-    were not tried); elsewhere such programs are compiled every time, as JAX does."""
-    from jax._src import compilation_cache, compiler, lru_cache
-
-    jax_compile = compiler.compile_or_get_cached
-    if (not jax.__version__.startswith("0.10.") or not hasattr(lru_cache, "_CACHE_SUFFIX")
-            or getattr(jax_compile, "keeps_host_calls", False)):
-        return
-
-    def compile_or_load(backend, module, devices, options, host_callbacks, executable_devices,
-                        *rest, **named):
-        compile_here = lambda: jax_compile(backend, module, devices, options, host_callbacks,
-                                           executable_devices, *rest, **named)
-        if (not host_callbacks or backend.platform != "cpu"
-                or not compilation_cache.is_cache_used(backend)):
-            return compile_here()
-        store = key = None  # store stays None for a cache folder JAX could not use
-        try:
-            jax_key = compilation_cache.get_cache_key(module, devices, options, backend)
-            name, key = jax_key.rsplit("-", 1)[0], jax_key + "-host-calls"
-            store = compilation_cache._get_cache(backend)
-            entry = None if store is None else store.get(key)
-            if entry is not None:
-                executable, _ = compilation_cache.extract_executable_and_time(
-                    compilation_cache.decompress_executable(entry))
-                return backend.deserialize_executable(executable, executable_devices, options,
-                                                      host_callbacks=host_callbacks)
-        except Exception as error:  # e.g. a damaged entry: compile, and write it again
-            warnings.warn(f"compiling {key or 'a program'}: the cache could not be read "
-                          f"({error})")
-            with contextlib.suppress(Exception):  # the cache never replaces an entry
-                (store.path / f"{key}{lru_cache._CACHE_SUFFIX}").unlink()
-        start = time.perf_counter()
-        executable = compile_here()
-        seconds = time.perf_counter() - start
-        if (store is not None and jax.process_index() == 0  # (store is set after key)
-                and seconds >= jax.config.jax_persistent_cache_min_compile_time_secs):
-            try:
-                compilation_cache.put_executable_and_time(key, name, executable, backend,
-                                                          int(seconds))
-            except Exception as error:  # as JAX does: a cache that cannot be written
-                warnings.warn(f"cache entry {key} not written ({error})")
-        return executable
-
-    compile_or_load.keeps_host_calls = True
-    compiler.compile_or_get_cached = compile_or_load
-
-
-# The program store. JAX's cache is keyed by a program's lowered text, so a second
-# identical run still traced and lowered init and run (about 2 s of a 7 s run) only to find
-# its key. The command line also keeps both compiled programs, pickled by
-# jax.experimental.serialize_executable's pickler, under a key computed before anything
-# is traced: what the programs are made from. Like JAX's cache, the store holds machine code
-# and trusts whoever can write its folder.
-
-
-def programs_key(config: Config) -> str | None:
-    """The key of a run's compiled init and run in the program store, known before anything
-    is traced; None where the store does not apply.
-
-    What makes the two programs: this file, the libraries that trace and compile them (by
-    version), the config (less where its outputs go), JAX's settings, XLA's flags and
-    thread count, and the machine. An env given as 'module:Class' is not covered (its code
-    is outside this file and has no version), nor --save-every (its checkpoint call takes
-    the whole state), nor a resume. jax 0.10 and CPU only, like
-    cache_programs_with_host_calls."""
-    if (not jax.__version__.startswith("0.10.") or jax.default_backend() != "cpu"
-            or ":" in config.env or config.save_every or config.resume):
-        return None
-    from importlib import metadata
-
-    with open(__file__, "rb") as f:
-        source = f.read()
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):  # XLA compiles for this CPU's instruction set
-        with open("/proc/cpuinfo") as f:
-            cpu = [line for line in f if line.startswith(("model name", "flags"))][:2]
-    versions = [metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "gymnax",
-                                                     "chex", "numpy")]
-    made_by = [hashlib.sha256(source).hexdigest(), __name__, sys.version, versions,
-               config_json(dataclasses.replace(config, out="")),
-               sorted((k, repr(v)) for k, v in jax.config.values.items()),
-               os.environ.get("XLA_FLAGS", ""), xla_cpu_threads(),
-               jax.devices()[0].client.platform_version, cpu]
-    return hashlib.sha256(repr(made_by).encode()).hexdigest()[:40]
-
-
-def report_host_calls(on_report, config: Config) -> list:
-    """The host call that make_runner's `run` makes for on_report, built as JAX builds it:
-    by lowering report_to_host alone (milliseconds, against seconds for `run`)."""
-    lowered = jax.jit(functools.partial(report_to_host, on_report)).lower(
-        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((config.num_runs,), jnp.float32))
-    return lowered._lowering.compile_args["host_callbacks"]
-
-
-def programs_path(key: str) -> str:
-    return os.path.join(jax.config.jax_compilation_cache_dir, "programs", f"{key}.pickle")
-
-
-def program_picklers():
-    """jax.experimental.serialize_executable's pickler and unpickler, extended to leave a
-    program's host calls out and hand it this process's when it is loaded."""
-    from jax.experimental import serialize_executable
-
-    class Pickler(serialize_executable._JaxPjrtPickler):
-        def __init__(self, file, host_calls):
-            super().__init__(file)
-            self.host_calls = host_calls
-
-        def persistent_id(self, obj):
-            for index, call in enumerate(self.host_calls):
-                if obj is call:
-                    return ("host call", index)
-            return super().persistent_id(obj)
-
-    class Unpickler(serialize_executable._JaxPjrtUnpickler):
-        def __init__(self, file, host_calls):
-            super().__init__(file, jax.devices()[0].client)
-            self.host_calls = host_calls
-
-        def persistent_load(self, pid):
-            if pid[0] == "host call":
-                return self.host_calls[pid[1]]
-            if pid[0] == "exec":  # as serialize_executable loads it, with the host calls
-                return self.backend.deserialize_executable(
-                    pid[1], executable_devices=self.execution_devices,
-                    host_callbacks=self.host_calls)
-            return super().persistent_load(pid)
-
-    return Pickler, Unpickler
-
-
-class StoredProgram(NamedTuple):
-    """One compiled program in the program store."""
-
-    pickled: bytes  # the unloaded executable, its argument shapes and no_kwargs
-    host_calls: int  # how many host calls the loader must hand it
-    in_tree: Any
-    out_tree: Any
-
-
-@contextlib.contextmanager
-def compiled_afresh():
-    """Inside, XLA compiles every program itself, without JAX's persistent cache; yields
-    the list of what it compiled. For the program store: a program loaded from JAX's cache
-    pickles without its kernels, and run from the store it failed ("Function iota.5_kernel
-    not found"). That happened whenever the store had no entry but JAX's cache had the
-    programs: after the store evicted one, or when the store's key changed but the programs
-    did not (a JAX setting, another numpy). Such a run now compiles, as a cold one does."""
-    from jax._src import compiler
-
-    cached, fresh = compiler.compile_or_get_cached, []
-
-    def compile_here(backend, module, devices, options, host_callbacks, executable_devices,
-                     *rest, **named):
-        executable = compiler.backend_compile_and_load(backend, module, executable_devices,
-                                                       options, host_callbacks)
-        fresh.append(executable)
-        return executable
-
-    compiler.compile_or_get_cached = compile_here
-    try:
-        yield fresh
-    finally:
-        compiler.compile_or_get_cached = cached
-
-
-def save_programs(key: str, programs: dict, fresh: list, keys) -> None:
-    """Keep {name: jax.stages.Compiled} in the program store, for load_programs, if XLA
-    compiled each of them in this process (`fresh`, from compiled_afresh), with the run's
-    keys (seed_keys: a program of its own to compile, 0.15 s at every start). A store that
-    cannot be written costs the next run its tracing, nothing more."""
-    compiled_here = lambda c: any(c._executable.xla_executable is e for e in fresh)
-    if not all(compiled_here(compiled) for compiled in programs.values()):
-        warnings.warn("the compiled programs were not stored: they were not compiled here")
-        return
-    Pickler, _ = program_picklers()
-    try:
-        stored = {}
-        for name, compiled in programs.items():
-            unloaded = compiled._executable._unloaded_executable
-            with io.BytesIO() as f:
-                Pickler(f, unloaded.host_callbacks).dump(
-                    (unloaded, jax.tree.leaves(compiled.args_info), compiled._no_kwargs))
-                stored[name] = StoredProgram(f.getvalue(), len(unloaded.host_callbacks),
-                                             jax.tree.structure(compiled.args_info),
-                                             compiled.out_tree)
-        stored["keys"] = np.asarray(jax.random.key_data(keys))
-        os.makedirs(os.path.dirname(programs_path(key)), exist_ok=True)
-        write_atomic(programs_path(key), pickle.dumps(stored))
-        evict_programs(os.path.dirname(programs_path(key)))
-    except Exception as error:
-        warnings.warn(f"the compiled programs were not stored ({error})")
-
-
-def evict_programs(folder: str, max_bytes: int | None = None) -> None:
-    """Remove the store's least recently used entries (by modification time, which
-    load_programs refreshes) until the rest fit in max_bytes (PROGRAMS_MAX_BYTES)."""
-    max_bytes = PROGRAMS_MAX_BYTES if max_bytes is None else max_bytes
-    entries = []
-    for name in os.listdir(folder):
-        with contextlib.suppress(OSError):  # removed meanwhile by another run
-            if name.endswith(".pickle"):
-                info = os.stat(os.path.join(folder, name))
-                entries.append((info.st_mtime, info.st_size, name))
-    total = sum(size for _, size, _ in entries)
-    for _, size, name in sorted(entries):
-        if total <= max_bytes:
-            break
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, name))
-        total -= size
-
-
-def load_programs(key: str, host_calls: dict) -> dict | None:
-    """The programs save_programs kept under `key`, each loaded with this process's host
-    calls ({name: list}), and the run's keys ("keys"); or None if there are none (or they
-    cannot be read: then the entry is removed, and the run traces and compiles as usual)."""
-    path = programs_path(key)
-    if not os.path.exists(path):
-        return None
-    _, Unpickler = program_picklers()
-    try:
-        with open(path, "rb") as f:
-            stored = pickle.load(f)
-        programs = {"keys": jax.random.wrap_key_data(stored.pop("keys"), impl=KEY_IMPL)}
-        for name, program in stored.items():
-            calls = host_calls[name]
-            if program.host_calls != len(calls):
-                raise ValueError(f"{name} makes {program.host_calls} host calls, not {len(calls)}")
-            unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(program.pickled), calls).load()
-            programs[name] = jax.stages.Compiled(unloaded.load(), [],
-                                                 program.in_tree.unflatten(args_info),
-                                                 program.out_tree, no_kwargs=no_kwargs)
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used now: evicted last
-        return programs
-    except Exception as error:
-        warnings.warn(f"compiling again: the stored programs {path} could not be loaded "
-                      f"({error})")
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        return None
-
-
-# Other processes count as keeping the machine busy when they used half a core or more
-# while the compile thread was being found, and at least this much CPU time: with nothing
-# else running, up to 0.11 s showed up in that window (about 0.2 s), enough to skip the
-# compile thread's demotion and peak at 690 MB (benchmarks/README.md, On the Zen 4).
-OTHERS_BUSY_MIN_SECONDS = 0.15
-
-
-def thread_cpu_ticks() -> dict[int, int]:
-    """CPU time (user + system, in clock ticks) of each of this process's threads, by id."""
-    ticks = {}
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks[int(tid)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def machine_busy_ticks() -> int:
-    """CPU time every process on the machine has used, in clock ticks (/proc/stat)."""
-    with open("/proc/stat") as f:  # cpu  user nice system idle iowait irq softirq steal
-        user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
-class DemotedThread(NamedTuple):
-    """A thread compile_thread_yields put under SCHED_IDLE, and its policy before."""
-
-    tid: int
-    policy: int
-    param: Any  # os.sched_param
-
-
-@contextlib.contextmanager
-def compile_thread_yields():
-    """While XLA:CPU compiles a program, let its codegen threads go first: run the thread
-    that compiles under SCHED_IDLE (it then runs only on a core nothing else wants), unless
-    other processes keep the machine busy.
-
-    That thread emits each fusion's MLIR and hands it to XLA's codegen threads. On 2 cores
-    it emits much faster than they compile, and each fusion waiting in between keeps its
-    own MLIR context, so compiling `run` held hundreds of MB at once: the peak RSS of a
-    run (benchmarks/README.md, Memory). With the thread at nice 10 instead, cold runs on the
-    EPYC Zen 3 peaked at 404 to 691 MB (47 runs); under SCHED_IDLE, 403 to 462 MB (24).
-    JAX neither names its threads nor offers a knob, so the compile thread is found as the
-    thread, not started by Python, that has used at least 0.1 s of CPU since the compile
-    began and twice as much as any other, and it is demoted then (on Linux the policy is
-    per thread). Not if other processes used half a core or more meanwhile, and at least
-    OTHERS_BUSY_MIN_SECONDS: the compile would wait for them. Its policy is restored
-    afterwards where the process may (leaving SCHED_IDLE needs CAP_SYS_NICE, as root has);
-    elsewhere that thread stays idle-class, which delays a later compile only while other
-    threads keep every core busy. Linux and CPU only."""
-    if sys.platform != "linux" or jax.default_backend() != "cpu":
-        yield []
-        return
-    done, found, per_second = threading.Event(), [], os.sysconf("SC_CLK_TCK")
-
-    def demote() -> None:
-        start, machine, threads = time.perf_counter(), machine_busy_ticks(), thread_cpu_ticks()
-        while not done.wait(0.02):
-            python = {thread.native_id for thread in threading.enumerate()}
-            used = {tid: ticks - threads.get(tid, 0) for tid, ticks in thread_cpu_ticks().items()}
-            xla = {tid: ticks for tid, ticks in used.items() if tid not in python}
-            tid = max(xla, key=xla.get, default=None)
-            runner_up = max((ticks for other, ticks in xla.items() if other != tid), default=0)
-            if tid is not None and xla[tid] >= max(0.1 * per_second, 2 * runner_up):
-                break
-        else:
-            return  # compiled before one thread stood out
-        others = (machine_busy_ticks() - machine - sum(used.values())) / per_second
-        if others >= max(0.5 * (time.perf_counter() - start), OTHERS_BUSY_MIN_SECONDS):
-            return
-        policy, param = os.sched_getscheduler(tid), os.sched_getparam(tid)
-        if policy != os.SCHED_IDLE:  # else already so, from an earlier compile
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        found.append(DemotedThread(tid, policy, param))
-
-    def demote_quietly() -> None:
-        with contextlib.suppress(OSError):  # /proc unreadable, or the thread just ended
-            demote()
-
-    watcher = threading.Thread(target=demote_quietly, daemon=True)
-    watcher.start()
-    try:
-        yield found  # [DemotedThread] once the compile thread is found and demoted
-    finally:
-        done.set()
-        watcher.join()
-        for thread in found:
-            with contextlib.suppress(OSError):  # leaving SCHED_IDLE needs CAP_SYS_NICE
-                os.sched_setscheduler(thread.tid, thread.policy, thread.param)
 
 
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
@@ -2567,7 +1862,7 @@ def parse_config(argv: list[str]) -> Config:
         if changed:
             raise ConfigError(f"--resume continues {resume} with its own settings; drop "
                               f"--{changed[0].replace('_', '-')} (only --quiet, --save-every, "
-                              "--tensorboard, --compile-cache and --cpu-threads may change)")
+                              "--tensorboard and --compile-cache may change)")
     return config
 
 
@@ -2616,86 +1911,89 @@ def create_out_dir(config: Config) -> str:
     return out
 
 
-def train_and_save(config: Config, out: str, start: float) -> int:
-    """Compile, train with live progress, write every output, print the summary. Returns
-    the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
-    # With neither a bar nor checkpoints to write, the program has no host call.
-    progress = Progress(config, show=not config.quiet) if not config.quiet or config.save_every else None
-    tensorboard = None
+CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
 
-    def save(loop: Loop) -> None:
-        save_checkpoint(config, out, loop)
-        if tensorboard is not None:
-            tensorboard.write(loop.metrics())
 
-    runner = make_runner(config, on_report=progress,
-                         on_checkpoint=save if config.save_every else None)
-    t0 = time.perf_counter()
-    with ctrl_c_not_lost(), contextlib.ExitStack() as stack:  # Ctrl-C leaves until training
-        key = programs_key(config) if config.compile_cache else None
-        stored = None if key is None else load_programs(key, {
-            "init": [], "run": [] if progress is None else report_host_calls(progress, config)})
-        fresh = [] if key is None or stored else stack.enter_context(compiled_afresh())
-        if config.resume:
-            loop = load_checkpoint(config, out, jax.eval_shape(runner.init, seed_keys(config)))
-            if loop.updates_done >= config.num_updates:
-                raise CheckpointError(
-                    f"{out} finished all {config.num_updates} updates; nothing to resume "
-                    f"(evaluate it with: python ppo_jax.py eval {out})")
-            lowered = runner.run.lower(loop)
-        elif stored:  # a second identical run: nothing to trace, lower or compile
-            loop = stored["init"](stored["keys"])
-        else:  # XLA compiles init while Python traces and lowers run (from init's outputs)
-            keys = seed_keys(config)
-            init = runner.init.lower(keys)
-            pool = concurrent.futures.ThreadPoolExecutor(1)
-            try:
-                compiling_init = pool.submit(init.compile)
-                lowered = runner.run.lower(init.out_info)
-                init_compiled = compiling_init.result()
-                loop = init_compiled(keys)
-            finally:
-                pool.shutdown(wait=False)  # after a Ctrl-C meanwhile, exit now, not later
-        first = loop.updates_done
-        if progress is not None:
-            progress.last_update = first
-        if config.tensorboard:  # turned on at a resume: write the earlier updates too
-            new_log = not os.path.isdir(os.path.join(out, "tensorboard"))
-            tensorboard = TensorBoard(config, out, 0 if new_log else first)
-        if stored:
-            compiled = stored["run"]
-        else:
-            with compile_thread_yields():
-                compiled = lowered.compile()
-            if key is not None:
-                save_programs(key, {"init": init_compiled, "run": compiled}, fresh, keys)
-    t1 = time.perf_counter()
-    # While XLA trains, this thread only waits (without the GIL), and a small run leaves a
-    # core idle: import what the plots need meanwhile, not after.
-    threading.Thread(target=import_plotting, daemon=True).start()
-    loop = run_stoppable(progress, lambda: jax.block_until_ready(compiled(loop)))
-    t2 = time.perf_counter()
-    if progress is not None:
-        progress.close()
+def enable_compile_cache() -> None:
+    """Keep compiled programs in JAX's own persistent cache (at most 1 GiB, least recently
+    used first out): a second identical run loads its chunk instead of compiling it."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "ppo_jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # evicts with filelock
 
-    save(loop)
-    if tensorboard is not None:
-        tensorboard.close()
-    metrics = loop.metrics()
+
+def start_training(config: Config, out: str):
+    """Build and compile the runner, and make or load the starting state: (compiled chunk,
+    state, first update)."""
+    runner = make_runner(config)
+    keys = seed_keys(config)
+    if config.resume:
+        state = load_checkpoint(config, out, jax.eval_shape(runner.init, keys))
+        if updates_done(state) >= config.num_updates:
+            raise CheckpointError(
+                f"{out} finished all {config.num_updates} updates; nothing to resume "
+                f"(evaluate it with: python ppo_jax.py eval {out})")
+    else:
+        state = runner.init(keys)
+    chunk = runner.chunk.lower(state, jnp.int32(0)).compile()
+    return chunk, state, updates_done(state)
+
+
+def next_stop(config: Config, done: int) -> int:
+    """The update the next chunk must not pass: the next checkpoint, or the end."""
+    if not config.save_every:
+        return config.num_updates
+    return min(config.num_updates, (done // config.save_every + 1) * config.save_every)
+
+
+def training_loop(config: Config, out: str, chunk, state: RunnerState, log: MetricsLog,
+                  ctrl_c: CtrlC):
+    """Call the compiled chunk until the end, a non-finite update or Ctrl-C, with live
+    progress and periodic checkpoints. Returns (state, bad)."""
+    from tqdm import tqdm
+
+    label = config.env + (f" x{config.num_runs}" if config.num_runs > 1 else "")
+    bar = tqdm(total=config.num_updates * config.batch_size, unit="step", unit_scale=True,
+               initial=log.done * config.batch_size, dynamic_ncols=True, file=sys.stderr,
+               desc=label, disable=config.quiet)
+    bad = -1
+    with contextlib.closing(bar):
+        while log.done < config.num_updates and bad < 0 and not ctrl_c.presses:
+            state, metrics, bad = run_chunk(chunk, state, next_stop(config, log.done))
+            if metrics["episode_return"].size:
+                log.append(metrics)
+                bar.update(metrics["episode_return"].shape[1] * config.batch_size)
+                returns = metrics["episode_return"][:, -1]
+                if np.isfinite(returns).any():
+                    spread = f" (min {np.nanmin(returns):.1f})" if returns.size > 1 else ""
+                    bar.set_postfix_str(f"return {np.nanmean(returns):.1f}{spread}")
+            due = config.save_every and log.done % config.save_every == 0
+            if due and log.done < config.num_updates:
+                save_checkpoint(config, out, state)
+    return state, bad
+
+
+def write_outputs(config: Config, out: str, state: RunnerState, metrics: dict) -> None:
+    """Everything a finished or stopped run leaves: checkpoint, parameters, plots, and one
+    metrics file per sweep setting."""
+    save_checkpoint(config, out, state)
     for index, setting in enumerate(config.settings if config.sweep else []):
         label = ",".join(f"{k}={v:g}" for k, v in setting.items())
         runs = range(index * config.num_seeds, (index + 1) * config.num_seeds)
         write_atomic(os.path.join(out, f"metrics_{label}.jsonl"),
                      metrics_jsonl(config, metrics, runs))
     write_atomic(os.path.join(out, "params.msgpack"),
-                 serialization.to_bytes(jax.device_get(loop.runner.params)))
-    plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
-    if config.diagnostics:  # drawing the dashboard takes 0.5 s, a twelfth of a default run
-        plot_diagnostics(config, metrics, os.path.join(out, "diagnostics.png"))
+                 serialization.to_bytes(jax.device_get(state.params)))
+    if metrics:  # at least one update finished
+        plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
+        if config.diagnostics:
+            plot_diagnostics(config, metrics, os.path.join(out, "diagnostics.png"))
 
-    done, stop = loop.updates_done, int(loop.stop)
-    steps = (done - first) * config.batch_size
-    returns = final_returns(metrics)
+
+def print_summary(config: Config, metrics: dict, done: int, speed: str) -> None:
+    returns = final_returns(metrics) if metrics else np.full(config.num_runs, np.nan)
     print(f"{config.env}: {config.num_runs} run(s) x {done * config.batch_size:,} steps")
     for index, setting in enumerate(config.settings):
         mine = returns[index * config.num_seeds:(index + 1) * config.num_seeds]
@@ -2703,18 +2001,40 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         print(f"final return per seed{' for ' + label if label else ''}: "
               + " ".join(f"{r:.1f}" for r in mine)
               + (f"  (mean {np.nanmean(mine):.1f})" if len(mine) > 1 else ""))
-    print(f"{steps * config.num_runs / (t2 - t1):,.0f} steps/s | compile {t1 - t0:.1f} s | "
-          f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
-    if stop == STOPPED and done < config.num_updates:
+    print(speed)
+
+
+def train_and_save(config: Config, out: str, start: float) -> int:
+    """Compile, train with live progress, write every output, print the summary. Returns
+    the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
+    with handle_ctrl_c() as ctrl_c:
+        t0 = time.perf_counter()
+        chunk, state, first = start_training(config, out)
+        log = MetricsLog(config, out, first)
+        ctrl_c.start_training()
+        t1 = time.perf_counter()
+        try:
+            state, bad = training_loop(config, out, chunk, state, log, ctrl_c)
+        finally:
+            log.close()
+        t2 = time.perf_counter()
+        done = updates_done(state)
+        write_outputs(config, out, state, log.metrics())
+        steps = (done - first) * config.batch_size * config.num_runs
+        print_summary(config, log.metrics(), done,
+                      f"{steps / max(t2 - t1, 1e-9):,.0f} steps/s | compile {t1 - t0:.1f} s | "
+                      f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | "
+                      f"output {out}")
+    if bad >= 0:
+        print(f"error: {GUARDED[bad]} became NaN or infinite in update {done + 1}; training "
+              f"stopped. The last good state (update {done}) is in "
+              f"{os.path.join(out, CHECKPOINT)}; lower --learning-rate or --max-grad-norm and "
+              "train again", file=sys.stderr)
+        return 1
+    if done < config.num_updates:  # stopped by Ctrl-C
         print(f"stopped after update {done} of {config.num_updates}; resume with: "
               f"python ppo_jax.py --resume {out}", file=sys.stderr)
         return 130
-    if stop == NONFINITE:
-        metric = (GUARDED + ("parameters",))[int(loop.bad_metric)]
-        print(f"error: {metric} became NaN or infinite in update {done + 1}; training stopped. "
-              f"The last good state (update {done}) is in {os.path.join(out, CHECKPOINT)}; "
-              "lower --learning-rate or --max-grad-norm and train again", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -2742,22 +2062,22 @@ def eval_main(argv: list[str]) -> int:
                        description=EvalArgs.__doc__)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
-    config, loop = load_run(args.run_dir)
+    config, state = load_run(args.run_dir)
     if args.render:
         check_renderable(config.env)
     if config.compile_cache:  # as the run was trained: evaluating it again skips compiling
         enable_compile_cache()
     setup = make_setup(config)
-    keys = split_seed(args.seed, config.num_runs, config.num_runs)
+    keys = jax.random.split(make_key(args.seed), config.num_runs)
 
     @jax.jit
-    def evaluate_all(runner, keys):
-        return evaluate_runs(setup, runner, keys, args.episodes)
+    def evaluate_all(state, keys):
+        return evaluate_runs(setup, state, keys, args.episodes)
 
-    results = jax.device_get(evaluate_all(loop.runner, keys))
-    report = {"env": config.env, "episodes": args.episodes, "updates": loop.updates_done,
-              "seeds": []}
-    print(f"{config.env} after {loop.updates_done * config.batch_size:,} steps, "
+    results = jax.device_get(evaluate_all(state, keys))
+    done = updates_done(state)
+    report = {"env": config.env, "episodes": args.episodes, "updates": done, "seeds": []}
+    print(f"{config.env} after {done * config.batch_size:,} steps, "
           f"{args.episodes} episodes per seed")
     for seed in range(config.num_runs):
         row = {"seed": seed}
@@ -2770,14 +2090,20 @@ def eval_main(argv: list[str]) -> int:
     write_atomic(os.path.join(args.run_dir, "eval.json"), json.dumps(report, indent=2))
     if args.render:
         path = os.path.join(args.run_dir, "policy.gif")
-        episode_return = render_episode(config, loop, path, key=make_key(args.seed))
+        episode_return = render_episode(config, state, path, key=make_key(args.seed))
         print(f"saved {path} (one deterministic episode of seed 0, return {episode_return:.1f})")
     return 0
 
 
+def nothing_trained(out: str) -> bool:
+    """Whether a new run's folder holds only its config and an empty metrics file."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    return (set(os.listdir(out)) <= {"config.json", "metrics.jsonl"}
+            and (not os.path.exists(metrics) or os.path.getsize(metrics) == 0))
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Run as a script, the wall time counts the imports; called from Python, from here.
-    start = IMPORTED_AT if __name__ == "__main__" else time.perf_counter()
+    start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
         try:
@@ -2788,10 +2114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         validate_config(config)
-        set_cpu_threads(config)
-        raise_xla_loop_threshold()
-        env, env_params = make_env(config.env)
-        env_spec(env, env_params, config.action_mask)
+        make_setup(config)  # an unknown env or a bad mask fails here, before any folder exists
         out = config.resume or create_out_dir(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -2806,9 +2129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BaseException as error:
-        if not config.resume and set(os.listdir(out)) <= {"config.json"}:
-            # Nothing was produced: remove the folder rather than leave an empty one.
-            os.remove(os.path.join(out, "config.json"))
+        if not config.resume and nothing_trained(out):  # remove it rather than leave it empty
+            for name in os.listdir(out):
+                os.remove(os.path.join(out, name))
             os.rmdir(out)
         if isinstance(error, KeyboardInterrupt):
             saved = os.path.exists(os.path.join(out, CHECKPOINT))
@@ -2820,18 +2143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # What ppo_jax's imports made lives as long as the process (gymnax, tyro and matplotlib
-    # load later, inside main). Frozen, it is no longer re-scanned by each full garbage
-    # collection that tracing triggers: `python ppo_jax.py --quiet` spent 0.58 and 0.64 s
-    # collecting garbage, 0.51 and 0.39 s with this. (Only here: frozen objects are never
-    # freed, so a process calling main() again and again must not freeze.)
-    gc.freeze()
-    code = main()
-    # Every output is written, synced and closed by now. Tearing the interpreter down (every
-    # module, then XLA's executables and thread pools) took 0.3 to 0.6 s of an 8 s second
-    # run: skip it. os._exit runs no atexit handler, so flush what they would have.
-    logging.shutdown()
-    with contextlib.suppress(OSError):  # stdout may be a pipe that closed early (| head)
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    sys.exit(main())

@@ -22,18 +22,9 @@ if not os.environ.get("PPO_JAX_TEST_XLA_DEFAULTS"):
 import contextlib  # noqa: E402
 import io  # noqa: E402
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-import ppo_jax  # noqa: E402
 
-# Start JAX's CPU client now, one pool thread per core, with the loop threshold that main()
-# sets for a run. Many tests call main() in this process, and main() gives a small run one
-# thread if JAX has not started yet: whichever test came first would otherwise set the
-# thread count of the whole suite. The CLI in a subprocess raises the threshold as here,
-# so both compile alike.
-ppo_jax.raise_xla_loop_threshold()
-jax.devices()
 
 
 def pytest_addoption(parser):

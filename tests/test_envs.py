@@ -50,35 +50,3 @@ def test_image_observations_pass_a_cnn_and_flat_ones_do_not():
     conv = image_params["actor"]["params"]["Torso_0"]["Conv_0"]["kernel"]
     assert conv.shape == (3, 3, image.spec.obs_shape[-1], 3)
     assert "Conv_0" not in flat_params["actor"]["params"]["Torso_0"]
-
-
-DEFERRED_IMPORTS = """
-import sys
-import ppo_jax as P
-P.import_gymnax()
-deferred = [name for name in ("seaborn", "matplotlib.pyplot", "scipy.stats")
-            if type(sys.modules.get(name)).__name__ != "module"]
-import matplotlib.pyplot as plt
-stand_in = type(plt).__name__
-plt.ppo_jax_mark = 1  # reaches the real pyplot (IPython's %matplotlib sets attributes)
-import jax
-env, params = P.make_env("Catch-bsuite")
-_, state = env.reset(jax.random.key(0), params)
-import matplotlib
-matplotlib.use("Agg")
-fig, ax = env.render(state, params)  # through gymnax's own, deferred, pyplot
-print(deferred, stand_in, type(fig).__name__, len(ax.texts),
-      sys.modules["matplotlib.pyplot"].ppo_jax_mark)
-"""
-
-
-def test_gymnax_starts_without_seaborn_and_pyplot_and_draws_with_pyplot():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run([sys.executable, "-c", DEFERRED_IMPORTS], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["['seaborn',", "'matplotlib.pyplot',", "'scipy.stats']",
-                                     "DeferredModule", "Figure", "2", "1"]

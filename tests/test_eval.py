@@ -99,14 +99,14 @@ def test_load_policy_scores_475_in_gymnasiums_own_cartpole(cartpole_preset_run):
 
 
 def test_load_policy_applies_the_runs_observation_normalizer(tiny_run):
-    config, loop = P.load_run(str(tiny_run))
+    config, state = P.load_run(str(tiny_run))
     agent = P.make_setup(config).agent
     # Observations a little off the training distribution, where (obs - mean) / std and
     # the raw obs are far apart.
     obs = np.random.default_rng(0).normal(0.0, [1.0, 2.0, 0.2, 2.0], (64, 4)).astype(np.float32)
     for seed in (0, 1):
         params, stats = jax.tree.map(lambda x: x[seed],
-                                     (loop.runner.params, loop.runner.norm.obs))
+                                     (state.params, state.norm.obs))
         assert stats is not None
         greedy = lambda x: np.asarray(jnp.argmax(agent.policy(params, x).logits, axis=-1))
         normalized, raw = greedy(P.normalize(stats, jnp.asarray(obs))), greedy(jnp.asarray(obs))

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from gymnax.environments import environment, spaces
 
@@ -58,10 +57,12 @@ def final_return(config):
 
 def test_cartpole_preset_is_solved(cartpole_preset_run):
     # Trained by the command line (conftest.py); make_train computes the same loop
-    # (test_train.py::test_runner_equals_vmapped_train_and_reports_progress).
-    config, loop = P.load_run(str(cartpole_preset_run))
-    assert config.num_seeds == 2 and loop.updates_done == config.num_updates
-    returns = P.final_returns(loop.metrics())
+    # (test_train.py::test_runner_in_chunks_equals_vmapped_train).
+    config, state = P.load_run(str(cartpole_preset_run))
+    assert config.num_seeds == 2 and P.updates_done(state) == config.num_updates
+    metrics = P.read_metrics(config, str(cartpole_preset_run / "metrics.jsonl"),
+                             config.num_updates)
+    returns = P.final_returns(metrics)
     assert (returns >= 475).all(), returns
 
 

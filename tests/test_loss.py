@@ -1,7 +1,6 @@
 """ppo_loss against a NumPy reference, and the first-minibatch identities."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

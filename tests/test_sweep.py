@@ -16,7 +16,7 @@ def test_a_vmapped_grid_equals_the_settings_run_one_by_one():
     config = tiny_config(num_seeds=2, sweep=("learning_rate=1e-3,3e-3", "gamma=0.9,0.99"))
     assert config.num_runs == 8
     runner = P.make_runner(config)
-    grid = runner.run(runner.init(P.seed_keys(config))).metrics()
+    grid = P.train_runs(config, runner, runner.init(P.seed_keys(config)))[1]
     # Swapping the grid's axes would put setting 2, which differs from setting 1 in both
     # names, at index 1: so setting 1 alone checks the order (one compile per setting).
     setting = config.settings[1]  # its seeds are runs 2 and 3

@@ -1,7 +1,6 @@
 """make_train and make_runner: determinism, seeds in a vmap, metrics, schedules."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 import ppo_jax as P
-from helpers import build, compiled_as_users, jitted_train, jitted_vmapped_train, tiny_config
+from helpers import build, jitted_train, jitted_vmapped_train, tiny_config
 
 METRICS = ["episode_return", "episode_length", "episodes_finished", "policy_loss", "value_loss",
            "entropy", "approx_kl", "clip_fraction", "explained_variance", "grad_norm",
@@ -49,20 +48,31 @@ def test_vmapped_seeds_equal_separate_runs():
         assert_same({k: v[i] for k, v in batched.items()}, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_runner_equals_vmapped_train_and_reports_progress():
+def test_runner_in_chunks_equals_vmapped_train():
     config = tiny_config(num_seeds=2)
-    calls = []
-
-    def on_report(update, returns):
-        calls.append((int(update), np.asarray(returns).shape))
-        return np.int32(int(update) + 1), np.bool_(False)
-
-    runner = P.make_runner(config, on_report)
-    loop = runner.run(runner.init(P.seed_keys(config)))
+    runner = P.make_runner(config)
+    state = runner.init(P.seed_keys(config))
+    sizes = []
+    while P.updates_done(state) < config.num_updates:  # chunks of 3 updates, then the rest
+        stop_at = min(P.updates_done(state) + 3, config.num_updates)
+        state, metrics, bad = P.run_chunk(runner.chunk, state, stop_at)
+        sizes.append(metrics["episode_return"].shape)
+        assert bad == -1
+    assert sizes == [(2, 3)] * (config.num_updates // 3) + [(2, config.num_updates % 3)]
     _, from_vmap = jitted_vmapped_train(tiny_config())(P.seed_keys(config))
-    assert_same(loop.metrics(), from_vmap, rtol=1e-5, atol=1e-6)
-    assert [c[0] for c in calls] == list(range(1, config.num_updates + 1))
-    assert all(shape == (2,) for _, shape in calls)
+    _, chunked, _ = P.train_runs(config, runner, runner.init(P.seed_keys(config)))
+    assert_same(chunked, from_vmap, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_runs_at_most_chunk_updates_and_stops_before_stop_at():
+    config = tiny_config(total_timesteps=128 * 40)
+    runner = P.make_runner(config)
+    assert 1 <= runner.chunk_updates <= config.num_updates
+    state = runner.init(P.seed_keys(config))
+    state, metrics, _ = P.run_chunk(runner.chunk, state, config.num_updates)
+    assert P.updates_done(state) == min(runner.chunk_updates, config.num_updates)
+    state, metrics, _ = P.run_chunk(runner.chunk, state, P.updates_done(state))  # nothing due
+    assert metrics["episode_return"].shape[1] == 0
 
 
 def test_episode_statistics_count_only_finished_episodes():
@@ -113,25 +123,6 @@ def test_logged_schedules_are_the_applied_ones():
     np.testing.assert_allclose(np.asarray(metrics["ent_coef"])[[0, -1]], [0.02, 0.0], atol=1e-8)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 512, 1000, 65536, 65537])
-def test_stable_argsort_is_numpys_stable_argsort(n):
-    """Radix passes whose digits fill 32 - ceil(log2 n) bits: two passes up to n = 2^16,
-    three above. Keys with many ties, and keys alike in their high bits."""
-    rng = np.random.default_rng(n)
-    for keys in (rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
-                 rng.integers(0, 5, n).astype(np.uint32),
-                 rng.integers(0, 2**16, n).astype(np.uint32) | np.uint32(0xFFFF0000)):
-        got = jax.jit(P.stable_argsort)(jnp.asarray(keys))
-        np.testing.assert_array_equal(got, np.argsort(keys, kind="stable"))
-
-
-@pytest.mark.parametrize("n", [1, 512, 1625, 1626, 8192])  # jax sorts twice from 1626 on
-def test_random_permutation_is_jax_random_permutation(n):
-    for key in (P.make_key(3), jax.random.key(3)):  # Philox, and JAX's default threefry
-        np.testing.assert_array_equal(jax.jit(P.random_permutation, static_argnums=1)(key, n),
-                                      jax.random.permutation(key, n))
-
-
 def test_target_kl_stops_the_remaining_epochs_under_jit_and_vmap():
     config = tiny_config(update_epochs=4, target_kl=1.0, learning_rate=1e-2)
     train = P.make_train(config)
@@ -166,103 +157,6 @@ def test_sgd_step_is_the_clipped_gradient_times_the_learning_rate(max_grad_norm)
     for before, after, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), flat):
         np.testing.assert_allclose(np.asarray(after), np.asarray(before) - 0.1 * scale * g,
                                    rtol=1e-5, atol=1e-7)
-
-
-def test_init_compiled_without_fusion_emitters_gives_the_same_state_bitwise():
-    """make_runner compiles init with XLA:CPU's fusion emitters off (it runs once, and
-    compiles faster so); the state must be the one the emitters' program makes."""
-    config = tiny_config(num_seeds=2, hidden_sizes=(64, 64))
-    env, env_params, spec, agent = P.make_setup(config)
-    keys = P.seed_keys(config)
-    init_one = lambda key: P.init_runner_state(config, env, env_params, spec, agent,
-                                               config.hparams(), key)
-    options = {"xla_cpu_use_fusion_emitters": True} if jax.default_backend() == "cpu" else None
-    reference = jax.jit(jax.vmap(init_one)).lower(keys).compile(options)(keys)
-    state = P.make_runner(config).init(keys).runner
-    # runner.init also makes every dtype strong: compare the values, leaf by leaf
-    for want, got in zip(jax.tree.leaves(P.keys_to_data(reference)),
-                         jax.tree.leaves(P.keys_to_data(state)), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
-def test_run_compiled_for_one_thread_gives_the_same_loop_bitwise(monkeypatch):
-    """On one XLA thread, run is compiled with copy insertion's region analysis (fewer
-    copies of the loop state, so faster); it must train exactly as XLA's default does."""
-    monkeypatch.setenv("PJRT_NPROC", "1")
-    assert P.cpu_compile_options()["xla_cpu_copy_insertion_use_region_analysis"]
-    monkeypatch.setenv("PJRT_NPROC", "2")
-    assert "xla_cpu_copy_insertion_use_region_analysis" not in P.cpu_compile_options()
-    assert "xla_cpu_copy_insertion_use_region_analysis" not in P.cpu_compile_options(True)
-
-    config = tiny_config()
-    runner = P.make_runner(config)  # built for two threads: XLA's default copy insertion
-    loop = runner.init(P.seed_keys(config))
-    default, one_thread = (compiled_as_users(runner.run, loop), compiled_as_users(
-        runner.run, loop, xla_cpu_copy_insertion_use_region_analysis=True))
-    assert default.as_text().count(" copy(") > one_thread.as_text().count(" copy(")
-    default, one_thread = default(loop), one_thread(loop)
-    assert int(default.updates_done) == config.num_updates
-    for want, got in zip(jax.tree.leaves(P.keys_to_data(default)),
-                         jax.tree.leaves(P.keys_to_data(one_thread)), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
-def test_run_is_vectorized_512_bits_wide_only_where_the_cpu_has_avx512(monkeypatch):
-    monkeypatch.setattr(P, "cpu_has_avx512", lambda: True)
-    assert P.cpu_compile_options()["xla_cpu_prefer_vector_width"] == 512
-    assert "xla_cpu_prefer_vector_width" not in P.cpu_compile_options(runs_once=True)
-    monkeypatch.setattr(P, "cpu_has_avx512", lambda: False)
-    assert "xla_cpu_prefer_vector_width" not in P.cpu_compile_options()
-    monkeypatch.undo()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    assert P.cpu_has_avx512() == bool(re.search(r"^flags\s*:.*\bavx512f\b", flags, re.M))
-
-
-def hlo_computations(hlo_text: str) -> dict:
-    """{name: its instructions' lines} of a compiled module's text."""
-    bodies, name = {}, None
-    for line in hlo_text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            name = (line.split()[1] if line.startswith("ENTRY") else line.split()[0]).lstrip("%")
-            bodies[name] = []
-        elif name and line.startswith(" "):
-            bodies[name].append(line)
-    return bodies
-
-
-def in_one_kernel(bodies: dict) -> set:
-    """The computations that run inside a call XLA:CPU compiled into one kernel
-    (xla_cpu_small_call), and every computation those call in turn."""
-    called = lambda lines: {c.lstrip("%") for line in lines for c in re.findall(
-        r"(?:to_apply|body|condition|calls)=(%?[\w.\-]+)", line)}
-    inside = called([line for lines in bodies.values() for line in lines
-                     if "xla_cpu_small_call" in line])
-    frontier = inside
-    while frontier:
-        frontier = called([line for name in frontier for line in bodies.get(name, [])]) - inside
-        inside = inside | frontier
-    return inside
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's small-loop pass")
-@pytest.mark.parametrize("num_envs, one_kernel", [(4, True), (16, False)])
-def test_a_rollout_of_a_few_envs_compiles_to_one_kernel(num_envs, one_kernel):
-    """With its actor as matrix-vector products (matvec_rows) and XLA's small-loop size
-    raised (raise_xla_loop_threshold; conftest.py does it for the suite), the rollout's
-    loop, env step included, runs as one kernel. How much faster that is, is benchmarked
-    (benchmarks/README.md, Throughput); here, that it happens, and only where chosen."""
-    assert f"small_while_loop_byte_threshold={P.SMALL_LOOP_BYTES}" in os.environ["XLA_FLAGS"]
-    config = tiny_config(num_envs=num_envs)
-    runner = P.make_runner(config)
-    bodies = hlo_computations(runner.run.lower(runner.init(P.seed_keys(config))).compile()
-                              .as_text())
-    env_step = {name for name, lines in bodies.items()
-                if any("vmap(jit(step))" in line for line in lines)}
-    assert env_step  # the env's step ops are there, found by their metadata
-    assert bool(env_step & in_one_kernel(bodies)) == one_kernel
 
 
 # Seeds spread over several devices with jax.shard_map (the README's recipe), on four host
