@@ -34,6 +34,7 @@ Conventions, where PPO codebases disagree:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -836,10 +837,9 @@ def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
 def make_optimizer(max_grad_norm, optimizer: str = "adam"):
     """Global-norm clipping, then Adam's scaling (eps 1e-5), or nothing more for plain SGD.
     The learning rate is applied in update_minibatch, so it can follow a schedule and be
-    traced without rebuilding this. optax.flatten runs the optimizer on one vector of all
-    parameters, so its arithmetic is a few fused kernels rather than a few per leaf."""
+    traced without rebuilding this."""
     scale = optax.scale_by_adam(eps=1e-5) if optimizer == "adam" else optax.identity()
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(max_grad_norm), scale))
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), scale)
 
 
 class UpdateInfo(NamedTuple):
@@ -1026,8 +1026,13 @@ def make_key(seed: int):
 def seed_keys(config: Config):
     """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
     keys, so settings are compared on the same seeds."""
-    keys = jax.random.split(make_key(config.seed), config.num_seeds)
-    return keys[np.arange(config.num_runs) % config.num_seeds]
+    return split_seed(config.seed, config.num_seeds, config.num_runs)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def split_seed(seed, num_seeds: int, num_runs: int):
+    keys = jax.random.split(make_key(seed), num_seeds)  # one program, not a few op by op
+    return keys[np.arange(num_runs) % num_seeds]
 
 
 # ════════════════ above: PPO, nothing else · below: running it as a program ════════════════
@@ -1926,18 +1931,18 @@ def enable_compile_cache() -> None:
 
 def start_training(config: Config, out: str):
     """Build and compile the runner, and make or load the starting state: (compiled chunk,
-    state, first update)."""
+    state, first update). XLA compiles init in a second thread while this one traces and
+    compiles the chunk: the two programs are independent, and a fresh run waits for both."""
     runner = make_runner(config)
     keys = seed_keys(config)
-    if config.resume:
-        state = load_checkpoint(config, out, jax.eval_shape(runner.init, keys))
-        if updates_done(state) >= config.num_updates:
-            raise CheckpointError(
-                f"{out} finished all {config.num_updates} updates; nothing to resume "
-                f"(evaluate it with: python ppo_jax.py eval {out})")
-    else:
-        state = runner.init(keys)
-    chunk = runner.chunk.lower(state, jnp.int32(0)).compile()
+    template = jax.eval_shape(runner.init, keys)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        init = None if config.resume else pool.submit(lambda: runner.init.lower(keys).compile())
+        chunk = runner.chunk.lower(template, jnp.int32(0)).compile()
+        state = load_checkpoint(config, out, template) if config.resume else init.result()(keys)
+    if updates_done(state) >= config.num_updates:
+        raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing to "
+                              f"resume (evaluate it with: python ppo_jax.py eval {out})")
     return chunk, state, updates_done(state)
 
 
