@@ -1,35 +1,26 @@
 """ppo_jax: Proximal Policy Optimization in one readable JAX file.
 
 Run it:
-    python ppo_jax.py --env CartPole-v1            # train, with live progress
-    python ppo_jax.py --env Acrobot-v1 --num-seeds 8 --learning-rate 1e-3
-    python ppo_jax.py eval runs/<folder>           # score a trained run
-    python ppo_jax.py --help                       # every flag, with its meaning
-
+    python ppo_jax.py --env Acrobot-v1 --num-seeds 8   # train, with live progress (--help: flags)
+    python ppo_jax.py eval runs/<folder>               # score a trained run
 Import it:
-    from ppo_jax import Config, make_key, make_train
-    train = jax.jit(jax.vmap(make_train(Config(env="CartPole-v1"))))
-    runner_state, metrics = train(jax.random.split(make_key(0), 8))  # 8 seeds, one jit
+    train = jax.jit(jax.vmap(ppo_jax.make_train(ppo_jax.Config(env="CartPole-v1"))))
+    runner_state, metrics = train(jax.random.split(ppo_jax.make_key(0), 8))  # 8 seeds, one jit
 
-The file reads in the algorithm's order: config, environment, networks, the rollout phase
-(collect_rollout), advantages (compute_gae), the loss (ppo_loss), the learning phase
-(update_minibatch -> update_epoch -> update), and make_train, which composes them. Below
-the boundary line that follows make_train is the program around it: diagnostics, the host
-loop that runs training in jitted chunks, evaluation, files and the command line.
-
-Shape letters used in comments: T steps per rollout, N parallel envs, B minibatch,
-A actions, D action dimensions, S seeds (runs), U updates, K updates in a chunk.
+The file reads in the algorithm's order, from the config to make_train, which composes
+collect_rollout, compute_gae, ppo_loss and update; below the boundary line after it is the
+program around PPO: diagnostics, the host loop of jitted chunks, evaluation, files, the CLI.
+Shape letters: T steps per rollout, N envs, B minibatch, A actions, D action dimensions,
+S seeds (runs), U updates, K updates in a chunk.
 
 Conventions, where PPO codebases disagree:
 - A Transition is one step: the observation the action was chosen from, the action, and the
-  reward and flags that the step produced. `terminated` and `truncated` belong to the step
-  that ends the episode.
-- A time limit is not a termination. A truncated step bootstraps from the critic's value of
+  reward and flags it produced; `terminated` and `truncated` belong to the step that ends it.
+- A time limit is not a termination: a truncated step bootstraps from the critic's value of
   the true next observation (gymnax's info["final_observation"]); only termination zeroes it.
-- The value loss is 0.5 (V - R)^2, or its clipped variant behind `clip_value_loss`.
-- Gradients are clipped by their global norm over actor and critic together, not per element.
-- Advantages are normalized per minibatch. The learning rate and the entropy coefficient
-  follow per-update linear schedules.
+- The value loss is 0.5 (V - R)^2 (or clipped: `clip_value_loss`). Gradients are clipped by
+  their global norm over actor and critic together. Advantages are normalized per minibatch.
+  The learning rate and the entropy coefficient follow per-update linear schedules.
 """
 
 from __future__ import annotations
@@ -58,9 +49,8 @@ import numpy as np
 import optax
 from flax import serialization, struct
 
+
 # ── Config ────────────────────────────────────────────────────────────────────────────────
-
-
 class ConfigError(ValueError):
     """A configuration that cannot train. The message names the problem and the fix."""
 
@@ -68,7 +58,6 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every hyperparameter of a run. Each field is also a command-line flag."""
-
     env: str = "CartPole-v1"
     """gymnax environment id, or 'package.module:Class' for a custom gymnax Environment."""
     seed: int = 0
@@ -106,8 +95,7 @@ class Config:
     max_grad_norm: float = 0.5
     """Global gradient-norm clip, over actor and critic together."""
     optimizer: Literal["adam", "sgd"] = "adam"
-    """Adam, or plain SGD (the clipped gradient times the learning rate; it needs a larger
-    one). notebooks/02 compares them."""
+    """Adam, or plain SGD: the clipped gradient times a (larger) learning rate; see notebooks/02."""
     target_kl: float | None = None
     """Stop an update's remaining epochs once an epoch's mean approx KL exceeds this."""
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -117,8 +105,8 @@ class Config:
     cnn_channels: tuple[int, ...] = (16,)
     """Channels of the 3x3 convolutions that image observations (MinAtar) pass first."""
     diagnostics: bool = False
-    """Also log per-term gradient norms, the exploration split and dormant units / feature
-    rank on a probe batch (about 15 % of run time and 2 s of compiling; off: none at all)."""
+    """Also log per-term gradient norms, the exploration split, dormant units and feature rank
+    on a probe batch (about 15 % of run time and 2 s of compiling; off: none at all)."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (continuous actions)."""
     action_mask: Literal["auto", "on", "off"] = "auto"
@@ -147,20 +135,14 @@ class Config:
     quiet: bool = False
     """No live progress bar."""
     compile_cache: bool = True
-    """Keep compiled programs in JAX's compilation cache under ~/.cache/ppo_jax, so a second
-    identical run skips compiling."""
+    """Cache compiled programs under ~/.cache/ppo_jax: a second identical run skips compiling."""
 
     @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.num_steps
-
+    def batch_size(self) -> int: return self.num_envs * self.num_steps
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
+    def minibatch_size(self) -> int: return self.batch_size // self.num_minibatches
     @property
-    def num_updates(self) -> int:
-        return self.total_timesteps // self.batch_size
+    def num_updates(self) -> int: return self.total_timesteps // self.batch_size
 
     @property
     def settings(self) -> list[dict[str, float]]:
@@ -171,13 +153,11 @@ class Config:
 
     @property
     def num_runs(self) -> int:
-        """Trained (setting, seed) pairs: the S axis of every array. Run r is seed
-        r % num_seeds of setting r // num_seeds."""
+        """The S axis of every array: run r is seed r % num_seeds of setting r // num_seeds."""
         return len(self.settings) * self.num_seeds
 
     def hparams(self) -> HParams:
-        """The rates and coefficients as arrays, so a grid of them can be vmapped: scalars,
-        or [num_runs] arrays when sweeping."""
+        """The rates and coefficients as arrays to vmap over: [num_runs] when sweeping."""
         if self.sweep:
             runs = [dataclasses.replace(self, sweep=(), **setting).hparams()
                     for setting in self.settings for _ in range(self.num_seeds)]
@@ -191,7 +171,6 @@ class Config:
 
 class HParams(NamedTuple):
     """The traced hyperparameters. Everything else in Config fixes shapes and is static."""
-
     learning_rate: jax.Array
     ent_coef: jax.Array
     ent_coef_final: jax.Array
@@ -203,8 +182,7 @@ class HParams(NamedTuple):
     target_kl: jax.Array
 
 
-# Per-env starting points: `--env X` starts from PRESETS[X]; explicit flags override it.
-# The measured results of each are in the README.
+# `--env X` starts from PRESETS[X] (results in the README); explicit flags override it.
 PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": dict(total_timesteps=150_000, num_envs=16, num_steps=32, learning_rate=2.5e-3),
     "Acrobot-v1": dict(total_timesteps=500_000, num_envs=16, num_steps=128, learning_rate=1e-3,
@@ -216,25 +194,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Pendulum-v1": dict(total_timesteps=1_000_000, num_envs=16, num_steps=128,
                         gamma=0.9, ent_coef=0.0, learning_rate=1e-3, normalize_obs=True,
                         normalize_reward=True),
-    # Reaching the flag takes ~100 steps of pushing the right way: 64 envs find it by chance,
-    # and gamma 0.9999 keeps its reward visible from the start of a 999-step episode.
+    # 64 envs find the flag (~100 steps of pushing) by chance; gamma 0.9999 keeps it in sight.
     "MountainCarContinuous-v0": dict(total_timesteps=2_000_000, num_envs=64, num_steps=128,
                                      gamma=0.9999, ent_coef=0.0, normalize_obs=True,
                                      normalize_reward=True),
-    # gamma 0.999 and constant lr as in the gymnax baselines; on the CPU a flat 2 x 256 MLP
-    # trains 7x faster than the CNN torso (23k against 3.3k steps/s on Breakout).
+    # gamma 0.999, constant lr (gymnax baselines); on CPU a 2 x 256 MLP trains 7x faster than a CNN
     **{f"{game}-MinAtar": dict(total_timesteps=10_000_000, num_envs=64, num_steps=128,
                                num_minibatches=8, learning_rate=5e-4, anneal_lr=False,
                                gamma=0.999, activation="relu", hidden_sizes=(256, 256),
-                               cnn_channels=(),
                                # measured: 0.01 left Breakout at 22 after 1e7 steps, 0.03 at 54
-                               ent_coef=0.03 if game == "Breakout" else 0.01)
+                               cnn_channels=(), ent_coef=0.03 if game == "Breakout" else 0.01)
        for game in ("Breakout", "SpaceInvaders", "Asterix", "Freeway")},
 }
-
-
 SWEEPABLE = ("learning_rate", "ent_coef", "clip_eps", "gamma", "gae_lambda", "vf_coef",
              "max_grad_norm")
+KEY_IMPL = "philox4x32"  # the PRNG of every key (see make_key)
 
 
 def parse_sweep(item: str) -> tuple[str, list[float]]:
@@ -256,61 +230,45 @@ def preset_config(env: str, **overrides: Any) -> Config:
 
 def validate_config(config: Config) -> None:
     """Raise ConfigError, naming the fix, for any setting that cannot train."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{field.name} must be a finite number, got {value}")
-    sizes = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "update_epochs",
-             "num_minibatches", "eval_episodes")
-    for name in sizes:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
-    if not config.hidden_sizes or min(config.hidden_sizes) <= 0:
-        raise ConfigError(f"hidden_sizes must be positive widths, got {config.hidden_sizes}")
-    if config.cnn_channels and min(config.cnn_channels) <= 0:
-        raise ConfigError(f"cnn_channels must be positive, got {config.cnn_channels}")
+    def require(valid, must: str, *names: str) -> None:  # in order: the first failure raises
+        for name in names:
+            if not valid(getattr(config, name)):
+                raise ConfigError(f"{name} must {must}, got {getattr(config, name)}")
+    require(lambda v: not isinstance(v, float) or math.isfinite(v), "be a finite number",
+            *(field.name for field in dataclasses.fields(config)))
+    require(lambda v: v > 0, "be positive", "num_seeds", "total_timesteps", "num_envs",
+            "num_steps", "update_epochs", "num_minibatches", "eval_episodes")
+    require(lambda v: v and min(v) > 0, "be positive widths", "hidden_sizes")
+    require(lambda v: not v or min(v) > 0, "be positive", "cnn_channels")
     if config.batch_size % config.num_minibatches:
-        raise ConfigError(
-            f"num_envs * num_steps = {config.batch_size} is not divisible by num_minibatches "
-            f"= {config.num_minibatches}; pick a num_minibatches that divides it")
+        raise ConfigError(f"num_envs * num_steps = {config.batch_size} is not divisible by "
+                          f"num_minibatches = {config.num_minibatches}; pick a num_minibatches "
+                          "that divides it")
     if config.total_timesteps < config.batch_size:
-        raise ConfigError(
-            f"total_timesteps = {config.total_timesteps} is less than one batch (num_envs * "
-            f"num_steps = {config.batch_size}); raise it or shrink the batch")
-    if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
-        raise ConfigError(f"learning_rate must be a positive number, got {config.learning_rate}")
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ConfigError(f"{name} must lie in [0, 1], got {getattr(config, name)}")
-    for name in ("clip_eps", "ent_coef", "vf_coef", "max_grad_norm"):
-        if not getattr(config, name) >= 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if config.ent_coef_final is not None and not config.ent_coef_final >= 0:
-        raise ConfigError(f"ent_coef_final must be >= 0, got {config.ent_coef_final}")
+        raise ConfigError(f"total_timesteps = {config.total_timesteps} is less than one batch "
+                          f"(num_envs * num_steps = {config.batch_size}); raise it or shrink "
+                          "the batch")
+    require(lambda v: v > 0 and math.isfinite(v), "be a positive number", "learning_rate")
+    require(lambda v: 0 <= v <= 1, "lie in [0, 1]", "gamma", "gae_lambda")
+    require(lambda v: v >= 0, "be >= 0", "clip_eps", "ent_coef", "vf_coef", "max_grad_norm")
+    require(lambda v: v is None or v >= 0, "be >= 0", "ent_coef_final")
     if config.sweep:
         names = [parse_sweep(item)[0] for item in config.sweep]
         if len(set(names)) < len(names):
             raise ConfigError(f"--sweep names {', '.join(names)}: give each name once")
         for setting in config.settings:
             validate_config(dataclasses.replace(config, sweep=(), **setting))
-    if config.eval_every < 0:
-        raise ConfigError(f"eval_every must be >= 0 (0 never evaluates), got {config.eval_every}")
-    if config.save_every < 0:
-        raise ConfigError(f"save_every must be >= 0 (0 saves only at the end), got {config.save_every}")
-    if config.target_kl is not None and not config.target_kl > 0:
-        raise ConfigError(f"target_kl must be positive (or None to disable), got {config.target_kl}")
+    require(lambda v: v >= 0, "be >= 0 (0 never evaluates)", "eval_every")
+    require(lambda v: v >= 0, "be >= 0 (0 saves only at the end)", "save_every")
+    require(lambda v: v is None or v > 0, "be positive (or None to disable)", "target_kl")
+
 
 # ── Environment ───────────────────────────────────────────────────────────────────────────
-# Any gymnax Environment works. To forbid actions, a discrete env defines
-#     def action_mask(self, state, params) -> jax.Array  # bool [A], True where legal
-# It is called on the state each observation comes from (after auto-reset), so the mask
-# always describes the observation the policy sees.
-
-
+# Any gymnax Environment works. To forbid actions, a discrete env defines action_mask(state,
+# params) -> bool [A] (True where legal), called on the state each observation comes from.
 def make_env(env_id: str) -> tuple[Any, Any]:
     """The gymnax environment and its default params, from an id or 'module:Class'."""
     import gymnax
-
     if ":" in env_id:
         module_name, _, class_name = env_id.partition(":")
         try:
@@ -332,7 +290,6 @@ def make_env(env_id: str) -> tuple[Any, Any]:
 
 class EnvSpec(NamedTuple):
     """What the networks and the rollout need to know about an environment."""
-
     obs_shape: tuple[int, ...]
     discrete: bool
     num_actions: int  # A for discrete envs, D (action dimensions) for continuous ones
@@ -344,17 +301,15 @@ class EnvSpec(NamedTuple):
 def env_spec(env: Any, env_params: Any, action_mask: str = "auto") -> EnvSpec:
     """Read shapes and action bounds from the env; decide whether masks are used."""
     from gymnax.environments.spaces import Discrete
-
     space = env.action_space(env_params)
-    discrete = isinstance(space, Discrete)
-    has_mask = callable(getattr(env, "action_mask", None))
+    discrete, has_mask = isinstance(space, Discrete), callable(getattr(env, "action_mask", None))
     if action_mask == "on" and not discrete:
         raise ConfigError("action masking needs discrete actions; drop --action-mask on")
     if action_mask == "on" and not has_mask:
         raise ConfigError(f"{env.name} has no action_mask(state, params) method; "
                           "define one or pass --action-mask off")
     masked = discrete and has_mask and action_mask != "off"
-    # The shape of what reset returns, by tracing it: nothing is compiled or run.
+    # reset is traced, not run, for the observation's shape
     obs_shape = tuple(jax.eval_shape(lambda: env.reset(make_key(0), env_params)[0]).shape)
     if discrete:
         return EnvSpec(obs_shape, True, int(space.n), None, None, masked)
@@ -378,7 +333,6 @@ def action_masks(env, env_params, spec: EnvSpec, env_state):
 
 class RunningStats(NamedTuple):
     """Mean and variance of every sample seen so far."""
-
     mean: jax.Array
     var: jax.Array
     count: jax.Array
@@ -389,8 +343,7 @@ def update_running_stats(stats: RunningStats | None, batch) -> RunningStats:
     batch_mean, batch_var, n = batch.mean(0), batch.var(0), batch.shape[0]
     if stats is None:
         return RunningStats(batch_mean, batch_var, jnp.float32(n))
-    delta = batch_mean - stats.mean
-    total = stats.count + n
+    delta, total = batch_mean - stats.mean, stats.count + n
     m2 = stats.var * stats.count + batch_var * n + delta**2 * stats.count * n / total
     return RunningStats(stats.mean + delta * n / total, m2 / total, total)
 
@@ -404,19 +357,16 @@ def normalize(stats: RunningStats | None, x, clip: float = 10.0):
 
 class Normalizers(NamedTuple):
     """Running statistics for --normalize-obs and --normalize-reward (None when off)."""
-
     obs: RunningStats | None  # over observations, per feature
     reward: RunningStats | None  # over the discounted return, a scalar
     discounted_return: jax.Array | None  # [N] running discounted return of each env
 
 
 def init_normalizers(config: Config, obs) -> Normalizers:
-    if not config.normalize_reward:
-        return Normalizers(update_running_stats(None, obs) if config.normalize_obs else None,
-                           None, None)
-    zero = jnp.zeros(obs.shape[0])
-    return Normalizers(update_running_stats(None, obs) if config.normalize_obs else None,
-                       RunningStats(jnp.float32(0.0), jnp.float32(1.0), jnp.float32(1e-4)), zero)
+    zero = jnp.zeros(obs.shape[0]) if config.normalize_reward else None
+    obs_stats = update_running_stats(None, obs) if config.normalize_obs else None
+    return Normalizers(obs_stats, None, None) if zero is None else Normalizers(
+        obs_stats, RunningStats(jnp.float32(0.0), jnp.float32(1.0), jnp.float32(1e-4)), zero)
 
 
 def update_normalizers(norm: Normalizers, obs, reward, done, gamma) -> Normalizers:
@@ -430,26 +380,22 @@ def update_normalizers(norm: Normalizers, obs, reward, done, gamma) -> Normalize
 
 
 def scale_reward(norm: Normalizers, reward):
-    """Divide by the std of the discounted return (no centering: the sign of a reward is
-    information), clipped to +-10."""
+    """reward / std(discounted return), clipped to +-10; not centered: its sign is information."""
     if norm.reward is None:
         return reward
     return jnp.clip(reward / jnp.sqrt(norm.reward.var + 1e-8), -10.0, 10.0)
 
 
 # ── Networks ──────────────────────────────────────────────────────────────────────────────
-
 # A masked action's logit. Finite, so softmax gives it exactly zero probability without the
 # inf - inf = NaN that -inf would produce in log-softmax and in its gradient.
 MASKED_LOGIT = -1e9
+ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
+
 
 def orthogonal(scale: float = 1.0):
-    """Orthogonal initializer built by Gram-Schmidt instead of a QR decomposition.
-
-    Same distribution as QR with a sign fix (Haar), but only matmuls: under vmap over seeds,
-    QR becomes batched LAPACK calls that can deadlock XLA's CPU thread pool.
-    """
-
+    """Orthogonal init by Gram-Schmidt: QR's distribution (Haar, with the sign fix) from matmuls
+    only, as QR under vmap over seeds is batched LAPACK calls that can deadlock XLA's CPU."""
     def init(key, shape, dtype=jnp.float32):
         rows, cols = math.prod(shape[:-1]), shape[-1]
         tall = jax.random.normal(key, (max(rows, cols), min(rows, cols)), jnp.float32)
@@ -459,22 +405,15 @@ def orthogonal(scale: float = 1.0):
             for _ in range(2):  # orthogonalize twice: float32 round-off stays at machine eps
                 v = v - q @ (q.T @ v)
             return q.at[:, j].set(v / jnp.linalg.norm(v)), None
-
         q, _ = jax.lax.scan(gram_schmidt_step, jnp.zeros_like(tall), jnp.arange(tall.shape[1]))
         q = q if rows >= cols else q.T
         return (scale * q).reshape(shape).astype(dtype)
-
     return init
 
 
-ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
-
-
 class Torso(nn.Module):
-    """The shared shape of actor and critic before their heads: for image observations
-    [H, W, C] (MinAtar) a small CNN first (3x3 convolutions, ReLU), then hidden layers.
-    Orthogonal(sqrt 2) init throughout."""
-
+    """The body of actor and critic: for images [H, W, C] (MinAtar) a small CNN (3x3, ReLU)
+    first, then hidden layers, with orthogonal(sqrt 2) init throughout."""
     hidden_sizes: tuple[int, ...]
     activation: str
     cnn_channels: tuple[int, ...] = ()
@@ -495,30 +434,20 @@ class Torso(nn.Module):
 
 class Categorical(struct.PyTreeNode):
     """A categorical policy over A actions, restricted to the legal ones when masked."""
-
     logits: jax.Array  # [B, A]; masked entries hold MASKED_LOGIT
     mask: jax.Array | None = None  # [B, A], True where legal
 
-    def log_probs(self):
-        return jax.nn.log_softmax(self.logits)
-
-    def sample(self, key):
-        return jax.random.categorical(key, self.logits)
-
-    def mode(self):
-        return jnp.argmax(self.logits, axis=-1)
+    def log_probs(self): return jax.nn.log_softmax(self.logits)
+    def sample(self, key): return jax.random.categorical(key, self.logits)
+    def mode(self): return jnp.argmax(self.logits, axis=-1)
+    def max_prob(self): return jnp.exp(self.log_probs().max(axis=-1))  # 1: deterministic policy
 
     def log_prob(self, action):
         return jnp.sum(self.log_probs() * jax.nn.one_hot(action, self.logits.shape[-1]), axis=-1)
 
-    def max_prob(self):
-        """The probability of the most likely action: 1 is a deterministic policy."""
-        return jnp.exp(self.log_probs().max(axis=-1))
-
     def normalized_entropy(self):
-        """H / log(number of legal actions): 1 is uniform over the legal actions, 0 certain.
-        Raw entropy cannot be compared across states with different numbers of legal
-        actions; this can. Zero when only one action is legal."""
+        """H / log(legal actions), comparable across states with different numbers of legal
+        actions: 1 is uniform over them, 0 certain (and 0 when only one is legal)."""
         legal = self.logits.shape[-1] if self.mask is None else self.mask.sum(axis=-1)
         return jnp.where(legal > 1, self.entropy() / jnp.log(jnp.maximum(legal, 2)), 0.0)
 
@@ -533,15 +462,13 @@ class Categorical(struct.PyTreeNode):
 
 class Gaussian(struct.PyTreeNode):
     """A diagonal Gaussian policy whose log-std does not depend on the state."""
-
     mean: jax.Array  # [B, D]
     log_std: jax.Array  # [D]
 
     def sample(self, key):
         return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
 
-    def mode(self):
-        return self.mean
+    def mode(self): return self.mean
 
     def log_prob(self, action):
         """log N(a; mu, sigma) = sum_d -((a - mu) / sigma)^2 / 2 - log sigma - log(2 pi) / 2."""
@@ -554,9 +481,7 @@ class Gaussian(struct.PyTreeNode):
 
 
 class Actor(nn.Module):
-    """pi(a | s): a torso and a policy head with small init (0.01), so early actions are
-    near-uniform."""
-
+    """pi(a | s): a torso and a policy head with small init (0.01), so early actions are even."""
     spec: EnvSpec
     hidden_sizes: tuple[int, ...]
     activation: str
@@ -577,7 +502,6 @@ class Actor(nn.Module):
 
 class Critic(nn.Module):
     """V(s): a torso and a scalar head with unit-scale init."""
-
     hidden_sizes: tuple[int, ...]
     activation: str
     cnn_channels: tuple[int, ...] = ()
@@ -589,30 +513,23 @@ class Critic(nn.Module):
 
 
 class Agent(NamedTuple):
-    """The two networks (static modules; their parameters live in RunnerState.params)."""
-
+    """The two networks (static modules; their parameters live in RunnerState.params):
+    policy gives pi(. | obs), a Categorical or a Gaussian over actions [B], value V(obs) [B]."""
     actor: Actor
     critic: Critic
 
-    def policy(self, params, obs, mask=None):
-        """pi(. | obs): a Categorical or a Gaussian over actions [B]."""
-        return self.actor.apply(params["actor"], obs, mask)
-
-    def value(self, params, obs):
-        """V(obs) [B]."""
-        return self.critic.apply(params["critic"], obs)
+    def policy(self, params, obs, mask=None): return self.actor.apply(params["actor"], obs, mask)
+    def value(self, params, obs): return self.critic.apply(params["critic"], obs)
 
 
 def make_agent(config: Config, spec: EnvSpec) -> Agent:
-    return Agent(
-        Actor(spec, config.hidden_sizes, config.activation, config.cnn_channels,
-              config.log_std_init),
-        Critic(config.hidden_sizes, config.activation, config.cnn_channels))
+    return Agent(Actor(spec, config.hidden_sizes, config.activation, config.cnn_channels,
+                       config.log_std_init),
+                 Critic(config.hidden_sizes, config.activation, config.cnn_channels))
 
 
 class Setup(NamedTuple):
     """What a config builds before any array exists: the env, its spec and the agent."""
-
     env: Any
     env_params: Any
     spec: EnvSpec
@@ -631,12 +548,10 @@ def init_params(agent: Agent, spec: EnvSpec, key) -> dict:
     return {"actor": agent.actor.init(actor_key, dummy_obs),
             "critic": agent.critic.init(critic_key, dummy_obs)}
 
+
 # ── Rollout ───────────────────────────────────────────────────────────────────────────────
-
-
 class Transition(NamedTuple):
     """One environment step of N envs; the rollout stacks T of them into [T, N, ...]."""
-
     obs: jax.Array  # [N, *obs_shape] the observation the action was chosen from
     action: jax.Array  # [N] or [N, D]; the unclipped sample, as scored by log_prob
     log_prob: jax.Array  # [N] log pi_old(action | obs)
@@ -649,14 +564,12 @@ class Transition(NamedTuple):
 
 class EpisodeStats(NamedTuple):
     """Returns and lengths of episodes in progress, per env (undiscounted, raw reward)."""
-
     returns: jax.Array  # [N]
     lengths: jax.Array  # [N]
 
 
 class FinishedEpisodes(NamedTuple):
     """Sums over the episodes that ended during a rollout."""
-
     count: jax.Array
     return_sum: jax.Array
     length_sum: jax.Array
@@ -664,7 +577,6 @@ class FinishedEpisodes(NamedTuple):
 
 class RunnerState(struct.PyTreeNode):
     """Everything that carries from one update to the next."""
-
     params: dict
     opt_state: Any
     env_state: Any  # [N] batched gymnax state
@@ -679,14 +591,8 @@ class RunnerState(struct.PyTreeNode):
 
 def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int, gamma,
                     state: RunnerState):
-    """The rollout phase: run the current policy for T steps in N envs (one lax.scan).
-
-    Returns the advanced state, the stacked Transitions [T, N, ...], and FinishedEpisodes
-    summed over the rollout (only episodes that ended count; none are padded with zeros).
-    Transitions hold what the learner sees: normalized observations and scaled rewards when
-    normalization is on. Episode returns are always in the env's own reward.
-    """
-
+    """The rollout phase, T steps in N envs (a lax.scan) -> (state, Transitions [T, N, ...] as the
+    learner sees them, FinishedEpisodes summed over the episodes that ended, in raw reward)."""
     def env_step(state: RunnerState, _):
         key, action_key, step_key = jax.random.split(state.key, 3)
         obs = normalize(state.norm.obs, state.obs)
@@ -696,43 +602,32 @@ def collect_rollout(env, env_params, spec: EnvSpec, agent: Agent, num_steps: int
                                                            spec.action_high)
         step_keys = jax.random.split(step_key, env_action.shape[0])
         next_obs, env_state, reward, terminated, truncated, info = jax.vmap(
-            env.step, in_axes=(0, 0, 0, None))(step_keys, state.env_state, env_action,
-                                               env_params)
+            env.step, in_axes=(0, 0, 0, None))(step_keys, state.env_state, env_action, env_params)
         reward = reward.astype(jnp.float32)
         done = terminated | truncated
         norm = update_normalizers(state.norm, next_obs, reward, done, gamma)
         transition = Transition(obs, action, pi.log_prob(action), scale_reward(norm, reward),
                                 terminated, truncated,
                                 normalize(norm.obs, info["final_observation"]), state.mask)
-        returns = state.episodes.returns + reward
-        lengths = state.episodes.lengths + 1
+        returns, lengths = state.episodes.returns + reward, state.episodes.lengths + 1
         finished = FinishedEpisodes(jnp.sum(done), jnp.sum(jnp.where(done, returns, 0.0)),
                                     jnp.sum(jnp.where(done, lengths, 0)))
         episodes = EpisodeStats(jnp.where(done, 0.0, returns), jnp.where(done, 0, lengths))
         state = state.replace(env_state=env_state, obs=next_obs, key=key, episodes=episodes,
                               norm=norm, mask=action_masks(env, env_params, spec, env_state))
         return state, (transition, finished)
-
     state, (transitions, finished) = jax.lax.scan(env_step, state, length=num_steps)
     return state, transitions, jax.tree.map(jnp.sum, finished)
 
 
 # ── Advantages ────────────────────────────────────────────────────────────────────────────
-
-
 def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda):
-    """Generalized Advantage Estimation (Schulman et al. 2016), one reverse lax.scan.
-
-    All inputs are [T, N]; `next_values[t]` is V of the true next observation of step t
-    (the final observation when the episode ended there).
-
+    """Generalized Advantage Estimation (Schulman et al. 2016), one reverse lax.scan over [T, N]
+    inputs; next_values[t] is V of step t's true next observation (the final one if it ended):
         delta_t = r_t + gamma (1 - terminated_t) V(s'_t) - V(s_t)
-        A_t     = delta_t + gamma lambda (1 - done_t) A_{t+1},   done_t = terminated_t or truncated_t
-
-    Truncation keeps the bootstrap term (the clock stopped, not the episode), but it still
-    cuts the lambda-trace, because row t+1 belongs to a new episode.
-    Returns (advantages [T, N], returns [T, N] = advantages + values).
-    """
+        A_t     = delta_t + gamma lambda (1 - done_t) A_{t+1},  done_t = terminated_t or truncated_t
+    Truncation keeps the bootstrap term (the clock stopped, not the episode) but cuts the
+    lambda-trace: row t+1 is a new episode. Returns (advantages, advantages + values), [T, N]."""
     not_terminated = 1.0 - terminated.astype(jnp.float32)
     not_done = 1.0 - (terminated | truncated).astype(jnp.float32)
     deltas = rewards + gamma * not_terminated * next_values - values
@@ -741,7 +636,6 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_
         delta, not_done_t = step
         advantage = delta + gamma * gae_lambda * not_done_t * next_advantage
         return advantage, advantage
-
     _, advantages = jax.lax.scan(gae_step, jnp.zeros_like(values[0]), (deltas, not_done),
                                  reverse=True)
     return advantages, advantages + values
@@ -749,7 +643,6 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma, gae_
 
 class Batch(NamedTuple):
     """Flattened rollout samples for the learning phase ([T * N, ...], or [B, ...])."""
-
     obs: jax.Array
     action: jax.Array
     log_prob: jax.Array  # log pi_old(a | s)
@@ -761,14 +654,10 @@ class Batch(NamedTuple):
 
 def rollout_to_batch(agent: Agent, params, traj: Transition, gamma, gae_lambda,
                      bootstrap_truncation: bool = True) -> Batch:
-    """Score the rollout with the critic, compute advantages, flatten [T, N] to [T * N].
-
-    The critic sees every observation and every true next observation in one batched call
-    after the rollout; for steps that did not end an episode, next_obs[t] == obs[t + 1].
-    """
+    """Score the rollout with the critic (every obs and true next obs in one batched call;
+    next_obs[t] == obs[t + 1] unless step t ended), compute advantages, flatten to [T * N]."""
     T, N = traj.reward.shape
-    obs_shape = traj.obs.shape[2:]
-    both = jnp.concatenate([traj.obs, traj.next_obs]).reshape(2 * T * N, *obs_shape)
+    both = jnp.concatenate([traj.obs, traj.next_obs]).reshape(2 * T * N, *traj.obs.shape[2:])
     values, next_values = agent.value(params, both).reshape(2, T, N)
     terminated = traj.terminated if bootstrap_truncation else traj.terminated | traj.truncated
     advantages, targets = compute_gae(traj.reward, values, next_values, terminated,
@@ -779,11 +668,8 @@ def rollout_to_batch(agent: Agent, params, traj: Transition, gamma, gae_lambda,
 
 
 # ── Loss ──────────────────────────────────────────────────────────────────────────────────
-
-
 class LossInfo(NamedTuple):
     """Per-minibatch statistics of the loss."""
-
     total_loss: jax.Array
     policy_loss: jax.Array
     value_loss: jax.Array
@@ -797,32 +683,26 @@ class LossInfo(NamedTuple):
 
 def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
              clip_value_loss: bool = False):
-    """The PPO objective on one minibatch, as a loss to minimise. Returns (loss, LossInfo).
-
+    """The PPO objective on one minibatch, as a loss to minimise. Returns (loss, LossInfo):
         ratio  = pi(a|s) / pi_old(a|s)
         L_clip = -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)]     (A normalized per minibatch)
         L_V    = E[(V(s) - R)^2] / 2          (clipped: max of the plain and clipped squares)
-        loss   = L_clip + vf_coef L_V - ent_coef H[pi]       (the entropy is a bonus: minus sign)
-    """
+        loss   = L_clip + vf_coef L_V - ent_coef H[pi]      (the entropy is a bonus: minus sign)"""
     pi = agent.policy(params, batch.obs, batch.mask)
     log_ratio = pi.log_prob(batch.action) - batch.log_prob
     ratio = jnp.exp(log_ratio)
-    adv = batch.advantage
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    adv = (batch.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
     policy_loss = jnp.maximum(-adv * ratio,
                               -adv * jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)).mean()
-
     value = agent.value(params, batch.obs)
     value_loss = jnp.square(value - batch.target)
     if clip_value_loss:
         clipped = batch.value + jnp.clip(value - batch.value, -clip_eps, clip_eps)
         value_loss = jnp.maximum(value_loss, jnp.square(clipped - batch.target))
     value_loss = 0.5 * value_loss.mean()
-
     entropy = pi.entropy().mean()
     loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
-    # k3 estimator of KL(pi_old || pi) (Schulman 2020): unbiased and always >= 0.
-    kl = (ratio - 1.0) - log_ratio
+    kl = (ratio - 1.0) - log_ratio  # k3 estimator of KL(pi_old || pi) (Schulman 2020): >= 0
     clip_fraction = jnp.mean(jnp.abs(ratio - 1.0) > clip_eps)
     discrete = isinstance(pi, Categorical)
     max_prob = pi.max_prob().mean() if discrete else jnp.nan
@@ -832,19 +712,15 @@ def ppo_loss(params, agent: Agent, batch: Batch, clip_eps, vf_coef, ent_coef,
 
 
 # ── Update ────────────────────────────────────────────────────────────────────────────────
-
-
 def make_optimizer(max_grad_norm, optimizer: str = "adam"):
-    """Global-norm clipping, then Adam's scaling (eps 1e-5), or nothing more for plain SGD.
-    The learning rate is applied in update_minibatch, so it can follow a schedule and be
-    traced without rebuilding this."""
+    """Global-norm clipping, then Adam's scaling (eps 1e-5) or, for plain SGD, nothing more.
+    update_minibatch applies the learning rate, so it can follow a schedule and be traced."""
     scale = optax.scale_by_adam(eps=1e-5) if optimizer == "adam" else optax.identity()
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), scale)
 
 
 class UpdateInfo(NamedTuple):
     """Per-minibatch statistics of one optimizer step."""
-
     loss: LossInfo
     grad_norm: jax.Array  # global norm before clipping
     clipped: jax.Array  # whether global-norm clipping shrank this step
@@ -865,24 +741,18 @@ def update_minibatch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, tr
 
 def update_epoch(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
                  batch: Batch, key):
-    """One pass over the rollout in shuffled minibatches (a lax.scan over minibatches).
-    Returns the new (params, opt_state) and the UpdateInfo of each minibatch [M]."""
+    """One pass in shuffled minibatches (a lax.scan): new (params, opt_state), UpdateInfo [M]."""
     permutation = jax.random.permutation(key, config.batch_size)
-    minibatches = jax.tree.map(  # [M, B, ...]
-        lambda x: x[permutation].reshape(config.num_minibatches, config.minibatch_size,
-                                         *x.shape[1:]), batch)
+    minibatches = jax.tree.map(lambda x: x[permutation].reshape(  # [M, B, ...]
+        config.num_minibatches, config.minibatch_size, *x.shape[1:]), batch)
     minibatch_step = functools.partial(update_minibatch, agent, hp, config, ent_coef, lr)
     return jax.lax.scan(minibatch_step, train, minibatches)
 
 
 def update(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple,
            batch: Batch, key):
-    """The learning phase: update_epochs passes over the batch (a lax.scan over epochs).
-
-    With target_kl set, once an epoch's mean approx KL exceeds it, the remaining epochs are
-    skipped (lax.cond, so it works under jit). Returns the new (params, opt_state), the
-    UpdateInfo [epochs, minibatches] and a [epochs] flag of the epochs that ran.
-    """
+    """The learning phase: update_epochs passes (a lax.scan), lax.cond skipping those after one
+    whose mean approx KL exceeds target_kl -> (params, opt_state), UpdateInfo [epochs, M], ran."""
     epoch = functools.partial(update_epoch, agent, hp, config, ent_coef, lr)
     epoch_keys = jax.random.split(key, config.update_epochs)
     if config.target_kl is None:
@@ -896,15 +766,12 @@ def update(agent: Agent, hp: HParams, config: Config, ent_coef, lr, train: tuple
         ran = ~stopped
         stopped = stopped | (info.loss.approx_kl.mean() > hp.target_kl)
         return (train, stopped), (info, ran)
-
     info_shape = jax.eval_shape(epoch, train, batch, epoch_keys[0])[1]
     (train, _), (infos, ran) = jax.lax.scan(epoch_step, (train, jnp.array(False)), epoch_keys)
     return train, infos, ran
 
 
 # ── Train ─────────────────────────────────────────────────────────────────────────────────
-
-
 def schedules(config: Config, hp: HParams, update_index):
     """Linear schedules over updates: (learning rate, entropy coefficient) at this update."""
     frac = update_index / config.num_updates  # 0 at the first update
@@ -930,10 +797,8 @@ def init_runner_state(config: Config, env, env_params, spec: EnvSpec, agent: Age
 
 def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp: HParams,
                 state: RunnerState, diagnose=None):
-    """One PPO iteration: a rollout, advantages, then the learning phase.
-
-    Returns the new RunnerState and this update's metrics (scalars). `diagnose` (see
-    make_diagnose, below the boundary) may add costlier diagnostics; PPO does not need it."""
+    """One PPO iteration: rollout, advantages, learning phase -> (state, scalar metrics).
+    `diagnose` (make_diagnose, below the boundary) may add costlier metrics PPO does not need."""
     state, traj, finished = collect_rollout(env, env_params, spec, agent, config.num_steps,
                                             hp.gamma, state)
     batch = rollout_to_batch(agent, state.params, traj, hp.gamma, hp.gae_lambda,
@@ -954,9 +819,7 @@ def update_step(config: Config, env, env_params, spec: EnvSpec, agent: Agent, hp
 
 def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
                      infos: UpdateInfo, ran, params_before, params_after, lr, ent_coef) -> dict:
-    """One update's metrics, each a scalar: losses and statistics averaged over every
-    minibatch of the epochs that ran (never the last sample), plus diagnostics of the
-    rollout batch and of how far the optimizer moved each network."""
+    """One update's scalar metrics, losses averaged over all minibatches of the epochs that ran."""
     weights = jnp.broadcast_to(ran[:, None], infos.grad_norm.shape)  # [epochs, M]
     means = jax.tree.map(lambda x: jnp.sum(x * weights) / jnp.sum(weights), infos)
     episodes = jnp.maximum(finished.count, 1)
@@ -964,22 +827,16 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
         "episode_return": jnp.where(finished.count > 0, finished.return_sum / episodes, jnp.nan),
         "episode_length": jnp.where(finished.count > 0, finished.length_sum / episodes, jnp.nan),
         "episodes_finished": finished.count,
-        "policy_loss": means.loss.policy_loss,
-        "value_loss": means.loss.value_loss,
-        "entropy": means.loss.entropy,
-        "approx_kl": means.loss.approx_kl,
+        "policy_loss": means.loss.policy_loss, "value_loss": means.loss.value_loss,
+        "entropy": means.loss.entropy, "approx_kl": means.loss.approx_kl,
         "approx_kl_max": jnp.max(jnp.where(ran[:, None], infos.loss.approx_kl_max, 0.0)),
         "clip_fraction": means.loss.clip_fraction,
         "explained_variance": 1.0 - jnp.var(batch.target - batch.value) / jnp.var(batch.target),
         "value_rmse": jnp.sqrt(jnp.mean(jnp.square(batch.value - batch.target))),
         "advantage_mean": batch.advantage.mean(),  # before per-minibatch normalization
         "advantage_std": batch.advantage.std(),
-        "grad_norm": means.grad_norm,
-        "grad_clip_fraction": means.clipped,
-        "learning_rate": lr,
-        "ent_coef": ent_coef,
-        "epochs_run": ran.sum(),
-    }
+        "grad_norm": means.grad_norm, "grad_clip_fraction": means.clipped,
+        "learning_rate": lr, "ent_coef": ent_coef, "epochs_run": ran.sum()}
     if spec.discrete:
         metrics.update(max_prob=means.loss.max_prob,
                        entropy_normalized=means.loss.entropy_normalized)
@@ -992,40 +849,29 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
 
 
 def make_train(config: Config):
-    """Build train(key, hparams=None) -> (RunnerState, metrics) for one seed.
-
-    `train` is pure: jit it, vmap it over keys (seeds) and over HParams (a grid). `metrics`
-    maps each name to an array [U]: one value per update, so memory is O(U).
-    """
+    """Build train(key, hparams=None) -> (RunnerState, metrics {name: [U]}) for one seed. It is
+    pure: jit it, vmap it over keys (seeds) and over HParams (a grid). Memory is O(U)."""
     validate_config(config)
     env, env_params, spec, agent = make_setup(config)
 
     def train(key, hparams: HParams | None = None):
         hp = config.hparams() if hparams is None else hparams
         state = init_runner_state(config, env, env_params, spec, agent, hp, key)
-        diagnose = (make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics
-                    else None)  # --diagnostics: extra metrics only (below the boundary)
+        diagnose = make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics else None
         step = functools.partial(update_step, config, env, env_params, spec, agent, hp,
                                  diagnose=diagnose)
         return jax.lax.scan(lambda s, _: step(s), state, length=config.num_updates)
-
     return train
 
 
-KEY_IMPL = "philox4x32"
-
-
 def make_key(seed: int):
-    """A Philox key: XLA compiles Philox's hash into a few fused ops on every backend (it is
-    the GPU's native generator), where threefry's runs as a loop on CPU (rollouts measured
-    1.5x faster). Its splits are exact under vmap: seed i draws the same numbers alone or
-    batched."""
+    """A Philox key: a few fused ops on every backend (the GPU's generator), where threefry is a
+    loop on CPU (rollouts 1.5x faster); under vmap, seed i draws the same numbers as alone."""
     return jax.random.key(seed, impl=KEY_IMPL)
 
 
 def seed_keys(config: Config):
-    """The key of each run: [num_runs]. Every setting of a sweep gets the same num_seeds
-    keys, so settings are compared on the same seeds."""
+    """The key of each run, [num_runs]: every sweep setting gets the same num_seeds keys."""
     return split_seed(config.seed, config.num_seeds, config.num_runs)
 
 
@@ -1037,13 +883,9 @@ def split_seed(seed, num_seeds: int, num_runs: int):
 
 # ════════════════ above: PPO, nothing else · below: running it as a program ════════════════
 # ── Diagnostics (--diagnostics) ──────────────────────────────────────────────────────────
-# Costlier looks inside an update, each at a slice of it; without --diagnostics they are
-# not in the program at all.
+# Costlier looks inside an update, each at a slice of it; without --diagnostics, none at all.
 PROBE_SIZE = 128  # observations of the fixed probe batch
-# Per-term gradients and the probe batch are looked at every OCCASIONAL_EVERY updates (NaN
-# in between). Measured at the standard config: with them every update the diagnostics
-# cost 17 % of run time, this way 15 %.
-OCCASIONAL_EVERY = 10
+OCCASIONAL_EVERY = 10  # per-term gradients and probe batch: 15 % of run time (17 % each update)
 EXPLORE_SAMPLES = 32  # samples whose policy gradients are taken one by one
 DORMANT_TAU = 0.025  # Sokar et al. 2023: a unit whose normalized activity is <= tau is dormant
 SATURATED = 0.99  # a tanh output beyond +-0.99 passes almost no gradient
@@ -1056,27 +898,22 @@ def subsample(x, n: int):
 
 def loss_term_grad_norms(agent: Agent, params, minibatch: Batch, hp: HParams, ent_coef,
                          clip_value_loss: bool) -> dict:
-    """The gradient norm of each loss term, weighted as in the loss (policy, vf_coef x value,
-    ent_coef x entropy), on the network it moves: measured on the update's first
-    minibatch, at the parameters the update started from."""
+    """Gradient norm of each loss term as weighted (policy, vf_coef x value, ent_coef x entropy)
+    on the network it moves, at the update's first minibatch and starting parameters."""
     def terms(p):
-        info = ppo_loss(p, agent, minibatch, hp.clip_eps, hp.vf_coef, ent_coef,
-                        clip_value_loss)[1]
+        info = ppo_loss(p, agent, minibatch, hp.clip_eps, hp.vf_coef, ent_coef, clip_value_loss)[1]
         return {"policy": info.policy_loss, "value": hp.vf_coef * info.value_loss,
                 "entropy": ent_coef * info.entropy}
-
     grads = jax.jacrev(terms)(params)  # {term: grads of the term, like params}
-    # Actor and critic share no parameters, so the value term reaches only the critic and
-    # the other two only the actor: the three other pairs are zero by construction.
+    # Actor and critic share no parameters: the other three term-network pairs are zero.
     return {"grad_norm_policy_actor": optax.tree.norm(grads["policy"]["actor"]),
             "grad_norm_entropy_actor": optax.tree.norm(grads["entropy"]["actor"]),
             "grad_norm_value_critic": optax.tree.norm(grads["value"]["critic"])}
 
 
 def exploration_split(agent: Agent, params, batch: Batch, n: int = EXPLORE_SAMPLES) -> dict:
-    """Do exploiting samples move the policy less? Per-sample policy-gradient norms
-    |A| ||grad log pi(a|s)|| on n samples, averaged separately over those whose action was
-    the greedy (most likely) one and those whose action was not; and the count of each."""
+    """Do exploiting samples move the policy less? Mean per-sample |A| ||grad log pi(a|s)|| on n
+    samples, over greedy (most likely) and over other actions, and how many of each."""
     sample = jax.tree.map(lambda x: subsample(x, n), batch)
     advantage = (sample.advantage - batch.advantage.mean()) / (batch.advantage.std() + 1e-8)
 
@@ -1084,7 +921,6 @@ def exploration_split(agent: Agent, params, batch: Batch, n: int = EXPLORE_SAMPL
         mask = None if mask is None else mask[None]
         pi = agent.actor.apply(actor_params, obs[None], mask)
         return -adv * pi.log_prob(action[None])[0]
-
     grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0, 0, 0))(
         params["actor"], sample.obs, sample.action, advantage, sample.mask)
     norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
@@ -1097,11 +933,9 @@ def exploration_split(agent: Agent, params, batch: Batch, n: int = EXPLORE_SAMPL
 
 
 def representation_diagnostics(agent: Agent, params, probe, activation: str) -> dict:
-    """On the fixed probe batch, for each network's hidden layers: the dormant-unit fraction
-    (ReLU; Sokar et al. 2023) or the saturated-activation fraction (tanh), and the feature
-    effective rank of the last hidden layer as a participation ratio (tr C)^2 / tr(C^2) of
-    its feature covariance C: between 1 (one direction) and the layer's width. It needs no
-    eigendecomposition, so no LAPACK call (see the test that bans them)."""
+    """Per network on the probe batch: the dormant (ReLU; Sokar et al. 2023) or saturated (tanh)
+    unit fraction, and the last layer's feature rank (tr C)^2 / tr(C^2), C its covariance: from
+    1 to the width, with no eigendecomposition, so no LAPACK call (a test bans them)."""
     metrics = {}
     for net, module in (("actor", agent.actor), ("critic", agent.critic)):
         _, captured = module.apply(params[net], probe, mutable=["intermediates"])
@@ -1120,10 +954,9 @@ def representation_diagnostics(agent: Agent, params, probe, activation: str) -> 
 
 
 def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
-    """update_step's `diagnose`: (state, batch, params_before, ent_coef) -> (state, metrics).
-    The probe batch is the first rollout's observations, kept fixed for the whole run."""
-
+    """update_step's diagnose(state, batch, params_before, ent_coef) -> (state, metrics)."""
     def diagnose(state: RunnerState, batch: Batch, params_before, ent_coef):
+        # The probe batch: the first rollout's observations, fixed for the whole run.
         probe = jnp.where(state.update == 1, subsample(batch.obs, PROBE_SIZE), state.probe)
         first = jax.tree.map(lambda x: x[:config.minibatch_size], batch)
 
@@ -1131,29 +964,21 @@ def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
             return {**loss_term_grad_norms(agent, params_before, first, hp, ent_coef,
                                            config.clip_value_loss),
                     **representation_diagnostics(agent, state.params, probe, config.activation)}
-
         nan = {k: jnp.full(v.shape, jnp.nan, v.dtype)
                for k, v in jax.eval_shape(occasional).items()}
         metrics = jax.lax.cond(state.update % OCCASIONAL_EVERY == 1, occasional, lambda: nan)
         if discrete:
             metrics.update(exploration_split(agent, params_before, batch))
         return state.replace(probe=probe), metrics
-
     return diagnose
 
 
 # ── Runner ────────────────────────────────────────────────────────────────────────────────
-# The command line trains S runs (seeds, or a sweep's settings) side by side with the same
-# update_step as make_train, as jitted chunks of K updates called from a plain Python loop.
-# Between chunks, with the state kept on the device, the host shows progress, appends to
-# metrics.jsonl, saves checkpoints and notices Ctrl-C.
-
-# About this many env steps (over all runs) per chunk: at the standard config that is 64
-# updates, about 0.2 s on a CPU core, so the call and the host's work between chunks are
-# well under 2 % of training (benchmarks/bench.py chunks).
+# The CLI trains S runs (seeds, or sweep settings) side by side with make_train's update_step in
+# jitted chunks (state on the device); between them a Python loop shows progress, writes metrics
+# and checkpoints, notices Ctrl-C. CHUNK_STEPS env steps (64 updates, 0.2 s on CPU): host < 2 %.
 CHUNK_STEPS = 1 << 15
-# Metrics that must stay finite: a NaN or inf in any of them stops training and keeps the
-# last good state. A parameter norm is finite exactly when every parameter is.
+# A NaN or inf in any stops training at the last good state (a param norm is finite iff all are).
 GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm",
            "actor_param_norm", "critic_param_norm")
 
@@ -1169,18 +994,15 @@ def updates_done(state: RunnerState) -> int:
 
 
 def make_one_update(config: Config, setup: Setup):
-    """(hp, state [S]) -> (state, metrics {name: [S]}): update_step for every run, plus an
-    evaluation when --eval-every says so."""
+    """(hp, state [S]) -> (state, metrics {name: [S]}): update_step for every run, and eval."""
     env, env_params, spec, agent = setup
 
     def step(hp: HParams, state: RunnerState):
-        diagnose = (make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics
-                    else None)
+        diagnose = make_diagnose(config, agent, hp, spec.discrete) if config.diagnostics else None
         return update_step(config, env, env_params, spec, agent, hp, state, diagnose)
 
     def one_update(hp: HParams, state: RunnerState):
-        # The update counter is the same for every run. Passed unbatched, conditions on it
-        # (the occasional diagnostics) stay branches, not selects.
+        # One counter for all runs, unbatched so conditions on it stay branches, not selects.
         state = state.replace(update=state.update[0])
         if config.num_runs == 1:  # vmap over one run would still batch every matmul
             alone = jax.tree.map(lambda x: x[0], state.replace(update=None))
@@ -1201,23 +1023,14 @@ def make_one_update(config: Config, setup: Setup):
             evals = jax.lax.cond(due, evaluate_now, lambda: (nan, nan))
             metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
         return state, metrics
-
     return one_update
 
 
 class Runner(NamedTuple):
-    """Two jitted functions for S runs side by side (keys [S]; HParams fields are scalars,
-    or [S] in a sweep):
-
-      init(keys, hparams=None) -> RunnerState [S]
-      chunk(state, stop_at, hparams=None) -> (state, metrics {name: [K, S]}, bad)
-        runs up to K = chunk_updates updates, none at or past update `stop_at`, and stops at
-        the first update with a non-finite GUARDED metric, which is not kept (bad: its
-        index in GUARDED, else -1). Rows of updates not run hold zeros.
-
-    A resumed run calls the same chunk on a loaded state, so it computes bitwise what the
-    uninterrupted run would have."""
-
+    """Jitted init(keys [S], hparams=None) -> RunnerState [S], and chunk(state, stop_at,
+    hparams=None) -> (state, metrics {name: [K, S]}, bad): up to K updates before `stop_at`,
+    stopping at the first non-finite GUARDED metric, not kept (bad: its index, else -1; rows
+    not run are zeros). HParams are scalars or [S]; a resumed run repeats one bitwise."""
     init: Any
     chunk: Any
     chunk_updates: int
@@ -1235,8 +1048,7 @@ def make_runner(config: Config) -> Runner:
         hp = config.hparams() if hparams is None else hparams
         init_one = functools.partial(init_runner_state, config, *setup)
         state = jax.vmap(init_one, in_axes=(hparam_axes(hp), 0))(hp, keys)
-        # Strong dtypes throughout (gymnax's time counters start weakly typed), as a loaded
-        # checkpoint has them: a fresh and a resumed state share one compiled chunk.
+        # Strong dtypes (gymnax's time counters start weak), as loaded ones: one chunk for both.
         return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), state)
 
     @jax.jit
@@ -1258,28 +1070,23 @@ def make_runner(config: Config) -> Runner:
             state, metrics, bad = jax.lax.cond(active, guarded_update,
                                                lambda s, b: (s, no_metrics, b), state, bad)
             return (state, bad), metrics
-
         (state, bad), metrics = jax.lax.scan(chunk_step, (state, jnp.int32(-1)),
                                              length=chunk_updates)
         return state, metrics, bad
-
     return Runner(init, chunk, chunk_updates)
 
 
 def run_chunk(chunk, state: RunnerState, stop_at: int, hparams: HParams | None = None):
-    """One call of a Runner's chunk (or its compiled form): (state, metrics {name: [S, n]}
-    as NumPy for the n updates it ran, bad)."""
+    """Call a Runner's chunk (or its compiled form): (state, NumPy {name: [S, n run]}, bad)."""
     before = updates_done(state)
-    args = (state, jnp.int32(stop_at)) + (() if hparams is None else (hparams,))
-    state, metrics, bad = chunk(*args)
+    state, metrics, bad = chunk(state, jnp.int32(stop_at), *([] if hparams is None else [hparams]))
     ran = updates_done(state) - before
     return state, {k: np.asarray(v)[:ran].T for k, v in metrics.items()}, int(bad)
 
 
 def train_runs(config: Config, runner: Runner, state: RunnerState, stop_at: int | None = None,
                hparams: HParams | None = None):
-    """Chunks until update `stop_at` (default: the last) or a non-finite update, from
-    Python: (state, metrics {name: [S, updates run]}, bad)."""
+    """Chunks to update `stop_at` (default: the end) or a non-finite one: (state, {[S, n]}, bad)."""
     stop_at = config.num_updates if stop_at is None else stop_at
     parts, bad = [], -1
     while updates_done(state) < stop_at and bad < 0:
@@ -1290,29 +1097,33 @@ def train_runs(config: Config, runner: Runner, state: RunnerState, stop_at: int 
 
 def concat_metrics(parts: list[dict]) -> dict:
     """Chunks' {name: [S, n]} joined along updates."""
-    if not parts:
-        return {}
-    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]} if parts else {}
 
 
 class CtrlC:
-    """SIGINT for a command-line run. While the run starts, Ctrl-C aborts it (nothing to
-    save yet); once training, the first stops the host loop after the chunk under way, which
-    is then saved, and a second aborts (every file was written atomically, so the last
-    checkpoint is whole). Presses are counted, so one that Python drops is still acted on:
-    raised inside a garbage-collector callback (JAX has one), KeyboardInterrupt is printed
-    as "Exception ignored" and lost."""
+    """SIGINT as a context manager: once training, a first Ctrl-C stops after the chunk, which is
+    saved; otherwise it aborts (files are written atomically). Presses are counted, and those
+    Python drops in a garbage-collector callback (JAX has one) are hidden, not lost."""
+    presses, training, previous = 0, False, None  # Ctrl-Cs so far; whether training; restore
 
-    def __init__(self):
-        self.presses, self.training = 0, False
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handler), sys.unraisablehook
+            sys.unraisablehook = lambda dropped: None if issubclass(
+                dropped.exc_type, KeyboardInterrupt) else self.previous[1](dropped)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous[0])
+            sys.unraisablehook = self.previous[1]
 
     def handler(self, signum, frame):
         self.presses += 1
-        if self.training and self.presses == 1:
-            print("\nstopping after this chunk to save a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr)
-            return
-        raise KeyboardInterrupt
+        if not (self.training and self.presses == 1):
+            raise KeyboardInterrupt
+        print("\nstopping after this chunk to save a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
 
     def start_training(self) -> None:
         """From here on the first Ctrl-C stops gracefully; raises one that was dropped."""
@@ -1321,29 +1132,9 @@ class CtrlC:
         self.training = True
 
 
-@contextlib.contextmanager
-def handle_ctrl_c():
-    """Install CtrlC's handler (in the main thread only) and hide dropped Ctrl-Cs."""
-    ctrl_c = CtrlC()
-    if threading.current_thread() is not threading.main_thread():
-        yield ctrl_c
-        return
-    previous, previous_hook = signal.signal(signal.SIGINT, ctrl_c.handler), sys.unraisablehook
-    sys.unraisablehook = lambda dropped: (None if issubclass(dropped.exc_type, KeyboardInterrupt)
-                                          else previous_hook(dropped))
-    try:
-        yield ctrl_c
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        sys.unraisablehook = previous_hook
-
-
 # ── Evaluation ────────────────────────────────────────────────────────────────────────────
-
-
 class EvalState(NamedTuple):
     """The carry of evaluate's loop over steps."""
-
     t: jax.Array
     obs: jax.Array  # [E, *obs_shape]
     env_state: Any
@@ -1354,12 +1145,8 @@ class EvalState(NamedTuple):
 
 def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, key,
              num_episodes: int, deterministic: bool):
-    """Return [E] of E fresh episodes, run side by side until each one's first end (or the
-    env's max_steps_in_episode; 1000 for an env without one).
-
-    Deterministic picks the most likely action (the Gaussian's mean); stochastic samples.
-    Observations are normalized with the frozen training statistics `obs_stats` (or None).
-    """
+    """Return [E] of E fresh episodes, each to its first end or max_steps_in_episode (else 1000),
+    deterministic (a Gaussian's mean) or sampled, normalized by frozen `obs_stats` (or None)."""
     max_steps = int(getattr(env_params, "max_steps_in_episode", 1000))
     reset_key, key = jax.random.split(key)
     obs, env_state, mask = reset_envs(env, env_params, spec, reset_key, num_episodes)
@@ -1376,7 +1163,6 @@ def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, ke
         return EvalState(s.t + 1, obs, env_state, action_masks(env, env_params, spec, env_state),
                          s.returns + jnp.where(s.running, reward, 0.0),
                          s.running & ~(terminated | truncated))
-
     # Stop once every episode has ended: most end long before the time limit.
     start = EvalState(jnp.int32(0), obs, env_state, mask, jnp.zeros(num_episodes),
                       jnp.ones(num_episodes, bool))
@@ -1386,9 +1172,8 @@ def evaluate(env, env_params, spec: EnvSpec, agent: Agent, params, obs_stats, ke
 
 def evaluate_runs(setup: Setup, state: RunnerState, keys, num_episodes: int):
     """Returns of every run's deterministic and stochastic policy: two [S, E] arrays."""
-    run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(
-        *setup, params, stats, key, num_episodes, deterministic))(
-            state.params, state.norm.obs, keys)
+    run = lambda deterministic: jax.vmap(lambda params, stats, key: evaluate(*setup, params,
+        stats, key, num_episodes, deterministic))(state.params, state.norm.obs, keys)
     return run(True), run(False)
 
 
@@ -1405,18 +1190,15 @@ def load_run(run_dir: str) -> tuple[Config, RunnerState]:
 
 
 def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
-    """A trained policy as a plain function, NumPy observation -> action, for any loop
-    (e.g. Gymnasium's): `act = load_policy("runs/x"); obs, *_ = env.step(act(obs))`.
-
-    It applies the run's frozen observation normalization, clips continuous actions to
-    the env's bounds, and accepts an optional legal-action `mask` for masked envs.
-    """
+    """A trained policy as a NumPy function obs (, mask) -> action for any loop, e.g. `act =
+    load_policy("runs/x"); obs, *_ = env.step(act(obs))`; frozen obs normalization, clipping."""
     config, state = load_run(run_dir)
     if not 0 <= seed < config.num_runs:
         raise ConfigError(f"seed {seed} is not in {run_dir}, which trained runs 0 to "
                           f"{config.num_runs - 1}")
     _, _, spec, agent = make_setup(config)
     params, obs_stats = policy_of(state, seed)
+    key, calls = make_key(seed), itertools.count()
 
     @jax.jit
     def act(obs, mask, key):
@@ -1424,38 +1206,139 @@ def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
         action = (pi.mode() if deterministic else pi.sample(key))[0]
         return action if spec.discrete else jnp.clip(action, spec.action_low, spec.action_high)
 
-    key, calls = make_key(seed), itertools.count()
-
     def policy(obs, mask=None):
         mask = None if mask is None else jnp.asarray(mask, bool)[None]
         step_key = jax.random.fold_in(key, next(calls))
         action = np.asarray(act(jnp.asarray(obs, jnp.float32), mask, step_key))
         return int(action) if spec.discrete else action
-
     return policy
 
 
-MAX_FRAMES = 150
+# ── Outputs and checkpoints ──────────────────────────────────────────────────────────────
+def write_atomic(path: str, data, suffix: str = "") -> None:
+    """Write bytes, a str, an iterable of str lines, or what `data(tmp_path)` saves, to a
+    temporary file, then rename it: a reader never sees half a file, nor a failed one."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data) if isinstance(data, (bytes, str)) else f.writelines(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a power cut keeps one whole
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
+def config_json(config: Config) -> str:
+    derived = {k: getattr(config, k) for k in ("batch_size", "minibatch_size", "num_updates")}
+    return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
+
+
+def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 0):
+    """JSON lines, per update from `first_update`, per run (default all) of {name: [S, n]}, NaN as
+    null; a sweep adds "setting": 1, "sweep": {"learning_rate": 0.001} ("seed" within it)."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
+    settings = config.settings
+    for column in range(next(iter(host.values())).shape[1]):
+        update = first_update + column
+        for run in range(config.num_runs) if runs is None else runs:
+            row = {"update": update, "seed": run % config.num_seeds,
+                   "env_steps": (update + 1) * config.batch_size}
+            if config.sweep:
+                row.update(setting=run // config.num_seeds, sweep=settings[run // config.num_seeds])
+            for name, values in host.items():
+                value = values[run, column].item()
+                row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+            yield json.dumps(row) + "\n"
+
+
+@contextlib.contextmanager
+def new_figure(path: str, **kwargs):
+    """A Figure drawn by Agg without pyplot (a notebook keeps its backend), saved atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    yield fig
+    for ax in fig.axes:
+        ax.xaxis.set_major_formatter(EngFormatter())  # steps as 50k, 1M
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100), ".png")
+
+
+def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
+    """Mean episode return over seeds with their min-max band; one curve per sweep setting."""
+    all_returns = np.asarray(metrics["episode_return"])  # [S, updates done]
+    steps = (np.arange(all_returns.shape[1]) + 1) * config.batch_size
+    with new_figure(path, figsize=(6, 4)) as fig:
+        ax = fig.subplots()
+        for index, setting in enumerate(config.settings):
+            returns = all_returns[index * config.num_seeds:(index + 1) * config.num_seeds]
+            seen = np.isfinite(returns).any(axis=0)
+            with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) expected
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = (f(returns, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
+            label = ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "mean"
+            line, = ax.plot(steps[seen], mean[seen], label=f"{label} ({config.num_seeds} seeds)")
+            if config.num_seeds > 1:
+                ax.fill_between(steps[seen], low[seen], high[seen], alpha=0.2,
+                                color=line.get_color())
+        ax.set(xlabel="environment steps per run", ylabel="episode return (band: min to max)",
+               title=config.env)
+        ax.legend(loc="best", fontsize="small")
+
+
+# The dashboard of diagnostics.png: (title, metrics drawn together, y scale).
+DASHBOARD = (
+    ("episode return", ("episode_return",), "linear"),
+    ("policy entropy / log(legal actions)", ("entropy_normalized",), "linear"),
+    ("approx KL: mean and max", ("approx_kl", "approx_kl_max"), "log"),
+    ("clipped share: samples, gradient steps", ("clip_fraction", "grad_clip_fraction"), "linear"),
+    ("critic: explained variance", ("explained_variance",), "linear"),
+    ("update / weight norm", ("actor_update_ratio", "critic_update_ratio"), "log"))
+MAX_FRAMES = 150  # drawing a frame takes ~0.2 s: a GIF shows at most this many, evenly spaced
 # The envs gymnax's Visualizer draws (it leaves the others blank).
 RENDERABLE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCar-v0",
-              "MountainCarContinuous-v0", "Asterix-MinAtar", "Breakout-MinAtar",
-              "Freeway-MinAtar", "Seaquest-MinAtar", "SpaceInvaders-MinAtar", "Catch-bsuite",
-              "Pong-misc", "PointRobot-misc", "MetaMaze-misc", "FourRooms-misc")
+              "MountainCarContinuous-v0", "Asterix-MinAtar", "Breakout-MinAtar", "Freeway-MinAtar",
+              "Seaquest-MinAtar", "SpaceInvaders-MinAtar", "Catch-bsuite", "Pong-misc",
+              "PointRobot-misc", "MetaMaze-misc", "FourRooms-misc")
+
+
+def plot_diagnostics(config: Config, metrics: dict, path: str) -> None:
+    """diagnostics.png: the key learning curves, each the mean over runs (see DASHBOARD)."""
+    with new_figure(path, figsize=(13, 6.5)) as fig:
+        axes = fig.subplots(2, 3, sharex=True)
+        for ax, (title, names, scale) in zip(axes.flat, DASHBOARD):
+            for name in names:
+                if name not in metrics:  # e.g. entropy_normalized of a continuous policy
+                    name = {"entropy_normalized": "entropy"}.get(name, name)
+                values = np.asarray(metrics[name], np.float64)  # [S, updates done]
+                steps = (np.arange(values.shape[1]) + 1) * config.batch_size
+                with warnings.catch_warnings():  # all-NaN columns are expected for returns
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(values, axis=0)
+                seen = np.isfinite(mean) & ((mean > 0) if scale == "log" else True)
+                ax.plot(steps[seen], mean[seen], label=name)
+            ax.set(title=title, yscale=scale)
+            if len(names) > 1:
+                ax.legend(fontsize="small")
+        for ax in axes[1]:
+            ax.set_xlabel("environment steps per run")
+        fig.suptitle(f"{config.env}: mean over {config.num_runs} run(s)")
 
 
 def check_renderable(env_id: str) -> None:
     if env_id not in RENDERABLE:
-        raise ConfigError(f"gymnax cannot draw {env_id}; --render supports "
-                          f"{', '.join(RENDERABLE)}")
+        raise ConfigError(f"gymnax cannot draw {env_id}; --render supports {', '.join(RENDERABLE)}")
 
 
-def render_episode(config: Config, state: RunnerState, path: str, seed: int = 0,
-                   key=None) -> float:
-    """Save a GIF of one deterministic episode of trained seed `seed`'s policy through
-    gymnax's Visualizer (classic control, MinAtar and a few others), on episode key `key`
-    (default: make_key(0)). Returns the episode's return."""
+def render_episode(config: Config, state: RunnerState, path: str, seed: int = 0, key=None) -> float:
+    """GIF of seed `seed`'s deterministic episode on `key` (default make_key(0)); its return."""
     check_renderable(config.env)
     env, env_params, spec, agent = make_setup(config)
     params, obs_stats = policy_of(state, seed)
@@ -1475,173 +1358,67 @@ def render_episode(config: Config, state: RunnerState, path: str, seed: int = 0,
             next_obs, next_state, reward, terminated, truncated, _ = env.step(
                 step_key, env_state, action, env_params)
             return (next_obs, next_state), (env_state, reward, terminated | truncated)
-
         return jax.lax.scan(step, (obs, env_state), jax.random.split(key, max_steps))[1]
-
     states, rewards, done = jax.device_get(episode(make_key(0) if key is None else key))
     length = int(np.argmax(done)) + 1 if done.any() else len(done)
-    # Drawing a frame takes ~0.2 s: keep at most MAX_FRAMES, evenly spaced over the episode.
     shown = np.unique(np.linspace(0, length - 1, min(length, MAX_FRAMES)).astype(int))
     frames = [jax.tree.map(lambda x: x[t], states) for t in shown]
     for device in ("SDL_AUDIODRIVER", "SDL_VIDEODRIVER"):  # pygame draws off-screen, silently
         os.environ.setdefault(device, "dummy")
     import matplotlib
-
     matplotlib.use("Agg")
     from gymnax.visualize import Visualizer
-
-    tmp = f"{path}.tmp{os.getpid()}.gif"
-    try:
-        Visualizer(env, env_params, frames, np.cumsum(rewards)[shown]).animate(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    animation = Visualizer(env, env_params, frames, np.cumsum(rewards)[shown])
+    write_atomic(path, animation.animate, ".gif")
     return float(rewards[:length].sum())
 
 
-# ── Outputs and checkpoints ──────────────────────────────────────────────────────────────
+def final_returns(metrics: dict) -> np.ndarray:
+    """Each seed's return at the last update that finished an episode: [S]."""
+    returns = np.asarray(metrics["episode_return"])
+    return np.array([r[np.isfinite(r)][-1] if np.isfinite(r).any() else np.nan for r in returns])
 
 
-def write_atomic(path: str, data) -> None:
-    """Write bytes, a str or an iterable of str lines to a temporary file, then rename: a
-    reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data) if isinstance(data, (bytes, str)) else f.writelines(data)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power cut keeps one whole
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def read_metrics(config: Config, path: str, updates: int) -> dict:
+    """A resumed run's first `updates` updates of metrics.jsonl, {name: [S, updates]} (null
+    -> NaN, later rows dropped); CheckpointError if any is missing."""
+    rows = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("update", updates) < updates:
+                    run = row.get("setting", 0) * config.num_seeds + row["seed"]
+                    rows[row["update"], run] = row
+    if len(rows) < updates * config.num_runs:
+        raise CheckpointError(f"{path} holds {len(rows)} of the {updates * config.num_runs} rows "
+                              "the checkpoint covers; restore it from a copy to resume")
+    if not rows:
+        return {}
+    names = [k for k in rows[0, 0] if k not in ("update", "seed", "setting", "sweep", "env_steps")]
+    return {name: np.array([[np.nan if rows[u, r][name] is None else rows[u, r][name]
+                             for u in range(updates)] for r in range(config.num_runs)])
+            for name in names}
 
 
-def config_json(config: Config) -> str:
-    derived = {k: getattr(config, k) for k in ("batch_size", "minibatch_size", "num_updates")}
-    return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
+class MetricsLog:
+    """Chunks' metrics: appended to metrics.jsonl (and TensorBoard), kept as NumPy for plots."""
 
+    def __init__(self, config: Config, out: str, first_update: int):
+        self.config, self.path = config, os.path.join(out, "metrics.jsonl")
+        self.parts, self.done, self.writers = [], first_update, []
+        if first_update:  # a resume: the metrics so far, and the file cut back to them
+            self.parts.append(read_metrics(config, self.path, first_update))
+        write_atomic(self.path, metrics_jsonl(config, self.parts[0]) if first_update else "")
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writers = [SummaryWriter(os.path.join(out, "tensorboard", f"seed_{seed}"))
+                            for seed in range(config.num_runs)]
+            if first_update:  # turned on at a resume: write the earlier updates too
+                self.write_tensorboard(self.parts[0], 0)
 
-def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 0):
-    """One JSON object per update per run (default: every run) of {name: [S, n]}, whose
-    first column is update `first_update`; NaN (no episode finished) becomes null. In a sweep, each row also gives its setting's index and swept values
-    ("setting": 1, "sweep": {"learning_rate": 0.001}); "seed" counts within a setting.
-    Yields the lines, so a long run's file is never held in memory whole."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
-    settings = config.settings
-    for column in range(next(iter(host.values())).shape[1]):
-        update = first_update + column
-        for run in range(config.num_runs) if runs is None else runs:
-            row = {"update": update, "seed": run % config.num_seeds,
-                   "env_steps": (update + 1) * config.batch_size}
-            if config.sweep:
-                row.update(setting=run // config.num_seeds,
-                           sweep=settings[run // config.num_seeds])
-            for name, values in host.items():
-                value = values[run, column].item()
-                row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
-            yield json.dumps(row) + "\n"
-
-
-def plot_learning_curve(config: Config, metrics: dict, path: str) -> None:
-    """Mean episode return over seeds, with the min-max band across seeds; in a sweep, one
-    curve per setting, which makes it the sweep's comparison plot."""
-    fig = new_figure(figsize=(6, 4))
-    ax = fig.subplots()
-    all_returns = np.asarray(metrics["episode_return"])  # [S, updates done]
-    steps = (np.arange(all_returns.shape[1]) + 1) * config.batch_size
-    for index, setting in enumerate(config.settings):
-        returns = all_returns[index * config.num_seeds:(index + 1) * config.num_seeds]
-        seen = np.isfinite(returns).any(axis=0)
-        with warnings.catch_warnings():  # all-NaN columns (no episode ended yet) are expected
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean, low, high = (f(returns, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
-        label = ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "mean"
-        line, = ax.plot(steps[seen], mean[seen], label=f"{label} ({config.num_seeds} seeds)")
-        if config.num_seeds > 1:
-            ax.fill_between(steps[seen], low[seen], high[seen], alpha=0.2, color=line.get_color())
-    ax.set(xlabel="environment steps per run", ylabel="episode return (band: min to max)",
-           title=config.env)
-    ax.legend(loc="best", fontsize="small")
-    save_figure(fig, path)
-
-
-def new_figure(**kwargs):
-    """A matplotlib Figure drawn by Agg, without pyplot: nothing global changes (a notebook
-    keeps its backend), and skipping pyplot's import saves about 0.2 s per run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig, path: str) -> None:
-    """Save a matplotlib figure atomically (temporary file, then rename)."""
-    from matplotlib.ticker import EngFormatter
-
-    for ax in fig.axes:
-        ax.xaxis.set_major_formatter(EngFormatter())  # steps as 50k, 1M
-    fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# The dashboard of diagnostics.png: (title, metrics drawn together, y scale).
-DASHBOARD = (
-    ("episode return", ("episode_return",), "linear"),
-    ("policy entropy / log(legal actions)", ("entropy_normalized",), "linear"),
-    ("approx KL: mean and max", ("approx_kl", "approx_kl_max"), "log"),
-    ("clipped share: samples, gradient steps", ("clip_fraction", "grad_clip_fraction"), "linear"),
-    ("critic: explained variance", ("explained_variance",), "linear"),
-    ("update / weight norm", ("actor_update_ratio", "critic_update_ratio"), "log"),
-)
-
-
-def plot_diagnostics(config: Config, metrics: dict, path: str) -> None:
-    """diagnostics.png: the key learning curves, each the mean over runs (see DASHBOARD)."""
-    fig = new_figure(figsize=(13, 6.5))
-    axes = fig.subplots(2, 3, sharex=True)
-    for ax, (title, names, scale) in zip(axes.flat, DASHBOARD):
-        for name in names:
-            if name not in metrics:  # e.g. entropy_normalized of a continuous policy
-                name = {"entropy_normalized": "entropy"}.get(name, name)
-            values = np.asarray(metrics[name], np.float64)  # [S, updates done]
-            steps = (np.arange(values.shape[1]) + 1) * config.batch_size
-            with warnings.catch_warnings():  # all-NaN columns are expected for returns
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(values, axis=0)
-            seen = np.isfinite(mean) & ((mean > 0) if scale == "log" else True)
-            ax.plot(steps[seen], mean[seen], label=name)
-        ax.set(title=title, yscale=scale)
-        if len(names) > 1:
-            ax.legend(fontsize="small")
-    for ax in axes[1]:
-        ax.set_xlabel("environment steps per run")
-    fig.suptitle(f"{config.env}: mean over {config.num_runs} run(s)")
-    save_figure(fig, path)
-
-
-class TensorBoard:
-    """--tensorboard: every metric of every run as a TensorBoard scalar, against env steps,
-    written after each chunk."""
-
-    def __init__(self, config: Config, out: str):
-        from tensorboardX import SummaryWriter
-
-        self.config = config
-        self.writers = [SummaryWriter(os.path.join(out, "tensorboard", f"seed_{seed}"))
-                        for seed in range(config.num_runs)]
-
-    def write(self, metrics: dict, first_update: int) -> None:
-        """Add updates first_update, first_update + 1, ...: {name: [S, n]}."""
+    def write_tensorboard(self, metrics: dict, first_update: int) -> None:
+        """Add updates first_update, first_update + 1, ... of {name: [S, n]}, against steps."""
         for seed, writer in enumerate(self.writers):
             for name, values in metrics.items():
                 for i, value in enumerate(np.asarray(values[seed], np.float64)):
@@ -1650,93 +1427,35 @@ class TensorBoard:
                         writer.add_scalar(name, value, step)
             writer.flush()
 
+    def append(self, metrics: dict) -> None:
+        """Add {name: [S, n]}: the n updates after the last ones added."""
+        with open(self.path, "a") as f:
+            f.writelines(metrics_jsonl(self.config, metrics, first_update=self.done))
+        self.write_tensorboard(metrics, self.done)
+        self.parts.append(metrics)
+        self.done += next(iter(metrics.values())).shape[1]
+
+    def metrics(self) -> dict: return concat_metrics(self.parts)
+
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
 
 
-def final_returns(metrics: dict) -> np.ndarray:
-    """Each seed's return at the last update that finished an episode: [S]."""
-    returns = np.asarray(metrics["episode_return"])
-    last = [r[np.isfinite(r)][-1] if np.isfinite(r).any() else np.nan for r in returns]
-    return np.array(last)
-
-
-def read_metrics(config: Config, path: str, updates: int) -> dict:
-    """The first `updates` updates of a metrics.jsonl as {name: [S, updates]} (null -> NaN),
-    for a resumed run's plots and summary. Rows past them (a killed run's last chunk, or a
-    half-written line) are left out; raises CheckpointError if any of them is missing."""
-    rows = {}
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                if isinstance(row, dict) and row.get("update", updates) < updates:
-                    rows[row["update"], row.get("setting", 0) * config.num_seeds + row["seed"]] = row
-    if len(rows) < updates * config.num_runs:
-        raise CheckpointError(f"{path} holds {len(rows)} of the {updates * config.num_runs} rows "
-                              "the checkpoint covers; restore it from a copy to resume")
-    if not rows:
-        return {}
-    names = [k for k in rows[0, 0] if k not in ("update", "seed", "setting", "sweep",
-                                                 "env_steps")]
-    return {name: np.array([[np.nan if rows[u, r][name] is None else rows[u, r][name]
-                             for u in range(updates)] for r in range(config.num_runs)])
-            for name in names}
-
-
-class MetricsLog:
-    """Where each chunk's metrics go: appended to metrics.jsonl (and TensorBoard), and kept
-    on the host as NumPy for the plots and the summary (O(updates), not O(steps))."""
-
-    def __init__(self, config: Config, out: str, first_update: int):
-        self.config, self.path = config, os.path.join(out, "metrics.jsonl")
-        self.parts = []
-        if first_update:  # a resume: the metrics so far, and the file cut back to them
-            self.parts.append(read_metrics(config, self.path, first_update))
-            write_atomic(self.path, metrics_jsonl(config, self.parts[0]))
-        else:
-            write_atomic(self.path, "")
-        self.done = first_update
-        self.tensorboard = None
-        if config.tensorboard:
-            self.tensorboard = TensorBoard(config, out)
-            if first_update:  # turned on at a resume: write the earlier updates too
-                self.tensorboard.write(self.parts[0], 0)
-
-    def append(self, metrics: dict) -> None:
-        """Add {name: [S, n]}: the n updates after the last ones added."""
-        with open(self.path, "a") as f:
-            f.writelines(metrics_jsonl(self.config, metrics, first_update=self.done))
-        if self.tensorboard is not None:
-            self.tensorboard.write(metrics, self.done)
-        self.parts.append(metrics)
-        self.done += next(iter(metrics.values())).shape[1]
-
-    def metrics(self) -> dict:
-        return concat_metrics(self.parts)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-# A checkpoint is the RunnerState of every run (parameters, optimizer state, update counter,
-# normalizer statistics, env states, RNG keys, episode statistics) in flax msgpack: no
-# pickle, so loading a checkpoint cannot run code. The metrics so far are in metrics.jsonl,
-# which is appended to after every chunk, before any checkpoint that covers those updates.
+# A checkpoint: every run's RunnerState (params, optimizer, counter, normalizers, env states, keys,
+# episodes) in msgpack, no pickle, so loading runs no code; metrics.jsonl is written first.
 CHECKPOINT = "checkpoint.msgpack"
 CHECKPOINT_FORMAT = 3  # 3: the RunnerState alone; the metrics live in metrics.jsonl
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
 RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
+CACHE_MIN_COMPILE_SECONDS = 0.5  # enable_compile_cache: quicker compiles are not worth a file
 
 
 class CheckpointError(ConfigError):
     """A run folder or checkpoint that cannot be used. The message names the fix."""
 
 
-def is_key(x) -> bool:
-    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+def is_key(x) -> bool: return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def keys_to_data(tree):
@@ -1744,22 +1463,18 @@ def keys_to_data(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
-def checkpoint_bytes(config: Config, state: RunnerState) -> bytes:
+def save_checkpoint(config: Config, out: str, state: RunnerState) -> None:
+    """Write the state and the config it trains with, atomically (write_atomic)."""
     host = jax.tree.map(np.asarray, keys_to_data(state))
     train_config = {k: list(v) if isinstance(v, tuple) else v
                     for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
-    return serialization.msgpack_serialize({"format": CHECKPOINT_FORMAT, "config": train_config,
-                                            "state": serialization.to_state_dict(host)})
-
-
-def save_checkpoint(config: Config, out: str, state: RunnerState) -> None:
-    """Write the checkpoint atomically (temporary file, then rename)."""
-    write_atomic(os.path.join(out, CHECKPOINT), checkpoint_bytes(config, state))
+    payload = {"format": CHECKPOINT_FORMAT, "config": train_config,
+               "state": serialization.to_state_dict(host)}
+    write_atomic(os.path.join(out, CHECKPOINT), serialization.msgpack_serialize(payload))
 
 
 def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> RunnerState:
-    """Read run_dir's checkpoint into the structure of `template` (from jax.eval_shape of
-    Runner.init), or raise CheckpointError saying what is wrong."""
+    """run_dir's checkpoint in the structure of `template` (eval_shape of Runner.init)."""
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist; resume or evaluate a run that saved one")
@@ -1775,13 +1490,12 @@ def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> Runn
     if version != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {version!r}, and this ppo_jax.py "
                               f"reads format {CHECKPOINT_FORMAT}; use the version that wrote it")
-    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
-    for name, value in wanted.items():
+    for name, value in dataclasses.asdict(config).items():
         saved = saved_config.get(name)
         saved = tuple(saved) if isinstance(saved, list) else saved
-        if saved != value:
-            raise CheckpointError(f"{path} was trained with {name}={saved!r} but "
-                                  f"{run_dir}/config.json says {value!r}; it belongs to another run")
+        if name not in RUN_CONTROL and saved != value:
+            raise CheckpointError(f"{path} was trained with {name}={saved!r} but {run_dir}"
+                                  f"/config.json says {value!r}; it belongs to another run")
     want = jax.eval_shape(keys_to_data, template)
     try:
         loaded = serialization.from_state_dict(want, state)
@@ -1821,24 +1535,10 @@ def read_config(run_dir: str) -> Config:
 
 
 # ── CLI ───────────────────────────────────────────────────────────────────────────────────
-
-
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to `flag` in argv (as `--flag v` or `--flag=v`), or None."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.partition("=")[2]
-    return None
-
-
 def parse_flags(cls, argv: list[str], **kwargs):
-    """tyro.cli, with its boxed error turned into a ConfigError of one line."""
+    """tyro.cli, its boxed error turned into a ConfigError: the first section after the title."""
     import io
-
     import tyro
-
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -1847,17 +1547,35 @@ def parse_flags(cls, argv: list[str], **kwargs):
         if exit.code in (0, None):
             sys.stderr.write(captured.getvalue())
             raise
-        raise ConfigError(one_line(captured.getvalue())) from None
+    sections = [[]]
+    for line in captured.getvalue().splitlines():
+        text = line.strip().strip("│╭╮╰╯").strip()
+        if text.startswith("For full helptext"):
+            break
+        if text.startswith("─") or (text and set(text) <= set("-")):  # title bar or rule
+            sections.append([])
+        elif text:
+            sections[-1].append(text)
+    # A box in UTF-8; in ASCII, sections[0] is the title above a rule of '-' (or nothing).
+    message = " ".join(next((s for s in sections[1:] if s), sections[0]))
+    raise ConfigError(f"{message or 'could not parse the flags'} (see --help)")
 
 
 def parse_config(argv: list[str]) -> Config:
     """Flags -> Config. `--env X` picks the preset first, so explicit flags override it.
     `--resume DIR` starts from DIR's config.json instead; only run-control flags may change."""
-    resume = flag_value(argv, "--resume")
+    def flag_value(flag: str) -> str | None:  # given as `--flag v` or `--flag=v`
+        for i, arg in enumerate(argv):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.partition("=")[2]
+        return None
+    resume = flag_value("--resume")
     if resume is not None:
         default = dataclasses.replace(read_config(resume), out=resume, resume=resume)
     else:
-        default = preset_config(flag_value(argv, "--env") or Config.env)
+        default = preset_config(flag_value("--env") or Config.env)
     config = parse_flags(Config, argv, default=default, description=__doc__.split("\n")[0])
     if resume is not None:
         if config.out != resume:
@@ -1871,35 +1589,14 @@ def parse_config(argv: list[str]) -> Config:
     return config
 
 
-def one_line(panel: str) -> str:
-    """The message of tyro's error panel, joined onto one line: the first section after the
-    title. The panel is a box in UTF-8; in ASCII the title stands alone above a rule of '-'."""
-    sections, section = [], []
-    for line in panel.splitlines():
-        text = line.strip().strip("│╭╮╰╯").strip()
-        if text.startswith("─") or (text and set(text) <= set("-")):  # title bar or rule
-            sections.append(section)
-            section = []
-        elif text.startswith("For full helptext"):
-            break
-        elif text:
-            section.append(text)
-    sections.append(section)
-    # sections[0] is what stood above the first rule: the ASCII title, or nothing.
-    lines = next((s for s in sections[1:] if s), sections[0])
-    message = " ".join(lines) or "could not parse the flags"
-    return f"{message} (see --help)"
-
-
 def create_out_dir(config: Config) -> str:
     """Create the output folder, or raise ConfigError without leaving anything behind."""
-    out = config.out or os.path.join(
-        "runs", f"{config.env.replace(':', '.').replace('/', '.')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = config.env.replace(":", ".").replace("/", ".")
+    out = config.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {out} already exists and is not an empty folder; "
                           "pick a new folder so no earlier run is overwritten")
-    missing = []
-    parent = os.path.abspath(out)
+    missing, parent = [], os.path.abspath(out)
     while not os.path.exists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent)
@@ -1908,20 +1605,15 @@ def create_out_dir(config: Config) -> str:
         write_atomic(os.path.join(out, ".write_test"), "")
         os.remove(os.path.join(out, ".write_test"))
     except OSError as error:
-        for path in missing:
-            if os.path.isdir(path):
-                os.rmdir(path)
+        for path in filter(os.path.isdir, missing):
+            os.rmdir(path)
         raise ConfigError(f"cannot write to --out {out} ({error.strerror}); "
                           "pick a folder you can write to") from None
     return out
 
 
-CACHE_MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
-
-
 def enable_compile_cache() -> None:
-    """Keep compiled programs in JAX's own persistent cache (at most 1 GiB, least recently
-    used first out): a second identical run loads its chunk instead of compiling it."""
+    """JAX's persistent cache (1 GiB, LRU): a second identical run loads instead of compiling."""
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                          "ppo_jax")
     jax.config.update("jax_compilation_cache_dir", cache)
@@ -1929,36 +1621,10 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # evicts with filelock
 
 
-def start_training(config: Config, out: str):
-    """Build and compile the runner, and make or load the starting state: (compiled chunk,
-    state, first update). XLA compiles init in a second thread while this one traces and
-    compiles the chunk: the two programs are independent, and a fresh run waits for both."""
-    runner = make_runner(config)
-    keys = seed_keys(config)
-    template = jax.eval_shape(runner.init, keys)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        init = None if config.resume else pool.submit(lambda: runner.init.lower(keys).compile())
-        chunk = runner.chunk.lower(template, jnp.int32(0)).compile()
-        state = load_checkpoint(config, out, template) if config.resume else init.result()(keys)
-    if updates_done(state) >= config.num_updates:
-        raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing to "
-                              f"resume (evaluate it with: python ppo_jax.py eval {out})")
-    return chunk, state, updates_done(state)
-
-
-def next_stop(config: Config, done: int) -> int:
-    """The update the next chunk must not pass: the next checkpoint, or the end."""
-    if not config.save_every:
-        return config.num_updates
-    return min(config.num_updates, (done // config.save_every + 1) * config.save_every)
-
-
 def training_loop(config: Config, out: str, chunk, state: RunnerState, log: MetricsLog,
                   ctrl_c: CtrlC):
-    """Call the compiled chunk until the end, a non-finite update or Ctrl-C, with live
-    progress and periodic checkpoints. Returns (state, bad)."""
+    """Run chunks to the end, a non-finite update or Ctrl-C, with progress and checkpoints."""
     from tqdm import tqdm
-
     label = config.env + (f" x{config.num_runs}" if config.num_runs > 1 else "")
     bar = tqdm(total=config.num_updates * config.batch_size, unit="step", unit_scale=True,
                initial=log.done * config.batch_size, dynamic_ncols=True, file=sys.stderr,
@@ -1966,7 +1632,10 @@ def training_loop(config: Config, out: str, chunk, state: RunnerState, log: Metr
     bad = -1
     with contextlib.closing(bar):
         while log.done < config.num_updates and bad < 0 and not ctrl_c.presses:
-            state, metrics, bad = run_chunk(chunk, state, next_stop(config, log.done))
+            stop_at = config.num_updates  # no chunk passes the next checkpoint
+            if config.save_every:
+                stop_at = min(stop_at, (log.done // config.save_every + 1) * config.save_every)
+            state, metrics, bad = run_chunk(chunk, state, stop_at)
             if metrics["episode_return"].size:
                 log.append(metrics)
                 bar.update(metrics["episode_return"].shape[1] * config.batch_size)
@@ -1980,41 +1649,21 @@ def training_loop(config: Config, out: str, chunk, state: RunnerState, log: Metr
     return state, bad
 
 
-def write_outputs(config: Config, out: str, state: RunnerState, metrics: dict) -> None:
-    """Everything a finished or stopped run leaves: checkpoint, parameters, plots, and one
-    metrics file per sweep setting."""
-    save_checkpoint(config, out, state)
-    for index, setting in enumerate(config.settings if config.sweep else []):
-        label = ",".join(f"{k}={v:g}" for k, v in setting.items())
-        runs = range(index * config.num_seeds, (index + 1) * config.num_seeds)
-        write_atomic(os.path.join(out, f"metrics_{label}.jsonl"),
-                     metrics_jsonl(config, metrics, runs))
-    write_atomic(os.path.join(out, "params.msgpack"),
-                 serialization.to_bytes(jax.device_get(state.params)))
-    if metrics:  # at least one update finished
-        plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
-        if config.diagnostics:
-            plot_diagnostics(config, metrics, os.path.join(out, "diagnostics.png"))
-
-
-def print_summary(config: Config, metrics: dict, done: int, speed: str) -> None:
-    returns = final_returns(metrics) if metrics else np.full(config.num_runs, np.nan)
-    print(f"{config.env}: {config.num_runs} run(s) x {done * config.batch_size:,} steps")
-    for index, setting in enumerate(config.settings):
-        mine = returns[index * config.num_seeds:(index + 1) * config.num_seeds]
-        label = ", ".join(f"{k}={v:g}" for k, v in setting.items())
-        print(f"final return per seed{' for ' + label if label else ''}: "
-              + " ".join(f"{r:.1f}" for r in mine)
-              + (f"  (mean {np.nanmean(mine):.1f})" if len(mine) > 1 else ""))
-    print(speed)
-
-
 def train_and_save(config: Config, out: str, start: float) -> int:
-    """Compile, train with live progress, write every output, print the summary. Returns
-    the exit code: 0 done, 130 stopped by Ctrl-C (checkpointed), 1 stopped by a NaN."""
-    with handle_ctrl_c() as ctrl_c:
+    """Compile, train, write every output (checkpoint, parameters, plots, metrics per sweep
+    setting), print the summary. Exit code: 0 done, 130 Ctrl-C (checkpointed), 1 a NaN."""
+    with CtrlC() as ctrl_c:
         t0 = time.perf_counter()
-        chunk, state, first = start_training(config, out)
+        runner, keys = make_runner(config), seed_keys(config)
+        template = jax.eval_shape(runner.init, keys)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # init compiles beside the chunk
+            init = None if config.resume else pool.submit(lambda: runner.init.lower(keys).compile())
+            chunk = runner.chunk.lower(template, jnp.int32(0)).compile()
+            state = load_checkpoint(config, out, template) if config.resume else init.result()(keys)
+        if updates_done(state) >= config.num_updates:
+            raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing to "
+                                  f"resume (evaluate it with: python ppo_jax.py eval {out})")
+        first = updates_done(state)
         log = MetricsLog(config, out, first)
         ctrl_c.start_training()
         t1 = time.perf_counter()
@@ -2023,18 +1672,34 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         finally:
             log.close()
         t2 = time.perf_counter()
-        done = updates_done(state)
-        write_outputs(config, out, state, log.metrics())
+        done, metrics = updates_done(state), log.metrics()
+        save_checkpoint(config, out, state)
+        for index, setting in enumerate(config.settings if config.sweep else []):
+            label = ",".join(f"{k}={v:g}" for k, v in setting.items())
+            runs = range(index * config.num_seeds, (index + 1) * config.num_seeds)
+            write_atomic(os.path.join(out, f"metrics_{label}.jsonl"),
+                         metrics_jsonl(config, metrics, runs))
+        write_atomic(os.path.join(out, "params.msgpack"),
+                     serialization.to_bytes(jax.device_get(state.params)))
+        if metrics:  # at least one update finished
+            plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
+            if config.diagnostics:
+                plot_diagnostics(config, metrics, os.path.join(out, "diagnostics.png"))
+        returns = final_returns(metrics) if metrics else np.full(config.num_runs, np.nan)
+        print(f"{config.env}: {config.num_runs} run(s) x {done * config.batch_size:,} steps")
+        for index, setting in enumerate(config.settings):
+            mine = returns[index * config.num_seeds:(index + 1) * config.num_seeds]
+            label = ", ".join(f"{k}={v:g}" for k, v in setting.items())
+            print(f"final return per seed{' for ' + label if label else ''}: "
+                  + " ".join(f"{r:.1f}" for r in mine)
+                  + (f"  (mean {np.nanmean(mine):.1f})" if len(mine) > 1 else ""))
         steps = (done - first) * config.batch_size * config.num_runs
-        print_summary(config, log.metrics(), done,
-                      f"{steps / max(t2 - t1, 1e-9):,.0f} steps/s | compile {t1 - t0:.1f} s | "
-                      f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | "
-                      f"output {out}")
+        print(f"{steps / max(t2 - t1, 1e-9):,.0f} steps/s | compile {t1 - t0:.1f} s | "
+              f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
     if bad >= 0:
         print(f"error: {GUARDED[bad]} became NaN or infinite in update {done + 1}; training "
-              f"stopped. The last good state (update {done}) is in "
-              f"{os.path.join(out, CHECKPOINT)}; lower --learning-rate or --max-grad-norm and "
-              "train again", file=sys.stderr)
+              f"stopped. The last good state (update {done}) is in {os.path.join(out, CHECKPOINT)};"
+              " lower --learning-rate or --max-grad-norm and train again", file=sys.stderr)
         return 1
     if done < config.num_updates:  # stopped by Ctrl-C
         print(f"stopped after update {done} of {config.num_updates}; resume with: "
@@ -2046,7 +1711,6 @@ def train_and_save(config: Config, out: str, start: float) -> int:
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
     """python ppo_jax.py eval RUN_DIR: score a trained run's policies on fresh episodes."""
-
     run_dir: str
     """The --out folder of a run (it needs config.json and checkpoint.msgpack)."""
     episodes: int = 100
@@ -2060,7 +1724,6 @@ class EvalArgs:
 def eval_main(argv: list[str]) -> int:
     """The eval command: mean +- std return per seed, printed and saved to eval.json."""
     import tyro
-
     if not argv or (all(a.startswith("-") for a in argv) and not {"-h", "--help"} & set(argv)):
         raise ConfigError("eval needs a run folder: python ppo_jax.py eval RUN_DIR")
     args = parse_flags(EvalArgs, argv, config=(tyro.conf.PositionalRequiredArgs,),
@@ -2072,26 +1735,19 @@ def eval_main(argv: list[str]) -> int:
         check_renderable(config.env)
     if config.compile_cache:  # as the run was trained: evaluating it again skips compiling
         enable_compile_cache()
-    setup = make_setup(config)
-    keys = jax.random.split(make_key(args.seed), config.num_runs)
-
-    @jax.jit
-    def evaluate_all(state, keys):
-        return evaluate_runs(setup, state, keys, args.episodes)
-
+    setup, keys = make_setup(config), jax.random.split(make_key(args.seed), config.num_runs)
+    evaluate_all = jax.jit(lambda state, keys: evaluate_runs(setup, state, keys, args.episodes))
     results = jax.device_get(evaluate_all(state, keys))
     done = updates_done(state)
     report = {"env": config.env, "episodes": args.episodes, "updates": done, "seeds": []}
     print(f"{config.env} after {done * config.batch_size:,} steps, "
           f"{args.episodes} episodes per seed")
     for seed in range(config.num_runs):
-        row = {"seed": seed}
-        for name, returns in zip(("deterministic", "stochastic"), results):
-            row[name] = {"mean": float(returns[seed].mean()), "std": float(returns[seed].std())}
-        report["seeds"].append(row)
-        print(f"seed {seed}: " + " | ".join(
-            f"{name} {row[name]['mean']:.1f} +- {row[name]['std']:.1f}"
-            for name in ("deterministic", "stochastic")))
+        row = {name: {"mean": float(returns[seed].mean()), "std": float(returns[seed].std())}
+               for name, returns in zip(("deterministic", "stochastic"), results)}
+        report["seeds"].append({"seed": seed, **row})
+        print(f"seed {seed}: " + " | ".join(f"{name} {stats['mean']:.1f} +- {stats['std']:.1f}"
+                                           for name, stats in row.items()))
     write_atomic(os.path.join(args.run_dir, "eval.json"), json.dumps(report, indent=2))
     if args.render:
         path = os.path.join(args.run_dir, "policy.gif")
@@ -2100,23 +1756,12 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-def nothing_trained(out: str) -> bool:
-    """Whether a new run's folder holds only its config and an empty metrics file."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    return (set(os.listdir(out)) <= {"config.json", "metrics.jsonl"}
-            and (not os.path.exists(metrics) or os.path.getsize(metrics) == 0))
-
-
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:
-        try:
-            return eval_main(argv[1:])
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
     try:
+        if argv[:1] == ["eval"]:
+            return eval_main(argv[1:])
         config = parse_config(argv)
         validate_config(config)
         make_setup(config)  # an unknown env or a bad mask fails here, before any folder exists
@@ -2134,15 +1779,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BaseException as error:
-        if not config.resume and nothing_trained(out):  # remove it rather than leave it empty
+        metrics = os.path.join(out, "metrics.jsonl")  # nothing trained: remove the new folder
+        if (not config.resume and set(os.listdir(out)) <= {"config.json", "metrics.jsonl"}
+                and (not os.path.exists(metrics) or os.path.getsize(metrics) == 0)):
             for name in os.listdir(out):
                 os.remove(os.path.join(out, name))
             os.rmdir(out)
         if isinstance(error, KeyboardInterrupt):
             saved = os.path.exists(os.path.join(out, CHECKPOINT))
-            print("\ninterrupted; " + (f"the last checkpoint is intact: resume with: python "
-                                        f"ppo_jax.py --resume {out}" if saved else
-                                        "nothing was saved"), file=sys.stderr)
+            resume = f"the last checkpoint is intact: resume with: python ppo_jax.py --resume {out}"
+            print("\ninterrupted; " + (resume if saved else "nothing was saved"), file=sys.stderr)
             return 130
         raise
 
