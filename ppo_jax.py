@@ -654,15 +654,16 @@ class Batch(NamedTuple):
 
 def rollout_to_batch(agent: Agent, params, traj: Transition, gamma, gae_lambda,
                      bootstrap_truncation: bool = True) -> Batch:
-    """Score the rollout with the critic (every obs and true next obs in one batched call;
-    next_obs[t] == obs[t + 1] unless step t ended), compute advantages, flatten to [T * N]."""
+    """Score the rollout with the critic (every obs, and every true next obs: next_obs[t] ==
+    obs[t + 1] unless step t ended), compute advantages, flatten [T, N] to [T * N]."""
     T, N = traj.reward.shape
-    both = jnp.concatenate([traj.obs, traj.next_obs]).reshape(2 * T * N, *traj.obs.shape[2:])
-    values, next_values = agent.value(params, both).reshape(2, T, N)
+    flat = lambda x: None if x is None else x.reshape(T * N, *x.shape[2:])
+    # Two calls, not one on both concatenated: that copy made the standard config 1.3x slower.
+    values = agent.value(params, flat(traj.obs)).reshape(T, N)
+    next_values = agent.value(params, flat(traj.next_obs)).reshape(T, N)
     terminated = traj.terminated if bootstrap_truncation else traj.terminated | traj.truncated
     advantages, targets = compute_gae(traj.reward, values, next_values, terminated,
                                       traj.truncated, gamma, gae_lambda)
-    flat = lambda x: None if x is None else x.reshape(T * N, *x.shape[2:])
     return Batch(flat(traj.obs), flat(traj.action), flat(traj.log_prob), flat(values),
                  flat(advantages), flat(targets), flat(traj.mask))
 

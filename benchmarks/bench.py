@@ -54,7 +54,7 @@ def turn_about(programs: dict, rounds: int) -> dict:
     return times
 
 
-def throughput(rounds: int = 5) -> None:
+def throughput(rounds: int = 7) -> None:
     """PureJaxRL's CartPole settings (Config's defaults: 4 envs x 128 steps, 5e5 steps), each
     compiled once, then timed turn about: ppo_jax's make_train and reference_ppo.py's."""
     import jax
