@@ -977,8 +977,9 @@ def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
 # ── Runner ────────────────────────────────────────────────────────────────────────────────
 # The CLI trains S runs (seeds, or sweep settings) side by side with make_train's update_step in
 # jitted chunks (state on the device); between them a Python loop shows progress, writes metrics
-# and checkpoints, notices Ctrl-C. CHUNK_STEPS env steps (64 updates, 0.2 s on CPU): host < 2 %.
-CHUNK_STEPS = 1 << 15
+# and checkpoints, notices Ctrl-C. CHUNK_STEPS env steps per chunk: at the standard config 128
+# updates (0.25 s on a CPU), whose calls cost 0.3 % of training (benchmarks/bench.py chunks).
+CHUNK_STEPS = 1 << 16
 # A NaN or inf in any stops training at the last good state (a param norm is finite iff all are).
 GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm",
            "actor_param_norm", "critic_param_norm")

@@ -16,6 +16,7 @@ minute. reference_ppo.py is PPO written the common single-jit way (PureJaxRL's s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -104,31 +105,36 @@ def cold(rounds: int = 3) -> None:
           f"reference_ppo.py {ref_s:.1f} s (cold / reference {cold_s / ref_s:.2f}, bar <= 0.8)")
 
 
-def chunks(rounds: int = 5) -> None:
-    """The standard config trained by make_runner's chunks from the host loop, against
-    make_train's one jit: what the chunks' calls and the host's work between them cost."""
-    import jax
+def chunks(rounds: int = 7) -> None:
+    """The standard config trained as the command line does, in chunks of K updates called
+    from the host loop (metrics to NumPy after each), against the same runner built with one
+    chunk that holds every update: what the calls and the host's work between them cost."""
 
     import ppo_jax as P
 
     config = P.Config()
-    key = P.seed_keys(config)[0]
-    whole = jax.jit(P.make_train(config)).lower(key).compile()  # one run: no vmap, as the runner
-    runner = P.make_runner(config)
-    start = runner.init(P.seed_keys(config))
-    chunk = runner.chunk.lower(start, 0).compile()
+    runners = {"chunks": P.make_runner(config)}
+    P.CHUNK_STEPS = config.total_timesteps  # one chunk: every update in one call
+    runners["one call"] = P.make_runner(config)
+    start = runners["chunks"].init(P.seed_keys(config))
+    compiled = {name: r.chunk.lower(start, 0).compile() for name, r in runners.items()}
 
-    def chunked():
+    def train(chunk):
         state = start
         while P.updates_done(state) < config.num_updates:
             state, metrics, _ = P.run_chunk(chunk, state, config.num_updates)
 
-    times = turn_about({"one jit": lambda: jax.block_until_ready(whole(key)),
-                        "chunks": chunked}, rounds)
-    one, many = statistics.median(times["one jit"]), statistics.median(times["chunks"])
-    print(f"{machine()}\nstandard config, {config.num_updates} updates in chunks of "
-          f"{runner.chunk_updates}: one jit {one:.2f} s, chunks {many:.2f} s "
-          f"({100 * (many / one - 1):+.1f} %), median of {rounds}")
+    times = turn_about({name: functools.partial(train, c) for name, c in compiled.items()},
+                       rounds)
+    many, one = statistics.median(times["chunks"]), statistics.median(times["one call"])
+    # A call that runs no update: the dispatch, the skipped steps and the host's work alone.
+    empty = min(turn_about({"empty": lambda: P.run_chunk(compiled["chunks"], start, 0)},
+                           50)["empty"])
+    calls = -(-config.num_updates // runners["chunks"].chunk_updates)
+    print(f"{machine()}\nstandard config, {config.num_updates} updates: chunks of "
+          f"{runners['chunks'].chunk_updates} {many:.3f} s, one call {one:.3f} s "
+          f"({100 * (many / one - 1):+.1f} %), median of {rounds}; an empty call "
+          f"{1e3 * empty:.2f} ms, x {calls} calls = {100 * calls * empty / many:.2f} % of training")
 
 
 PEAK_LAUNCHER = """
@@ -141,23 +147,26 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def peak_rss_mb(args: list[str]) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of `python ppo_jax.py ARGS`, started by a small launcher: a
-    child's ru_maxrss would otherwise count this process's memory at the fork."""
+    """(wall s, peak RSS MB) of `python ppo_jax.py ARGS` run a second time, its programs
+    loaded from the compilation cache that the first run filled: the peak is then training's,
+    not the compiler's (which varies by tens of MB from run to run). Each run is started by a
+    small launcher, since a child's ru_maxrss would count this process's memory at the fork."""
     with tempfile.TemporaryDirectory() as folder:
         peak = os.path.join(folder, "peak_kb")
-        elapsed, _ = run_command([sys.executable, "-c", PEAK_LAUNCHER, peak, sys.executable,
-                                  os.path.join(ROOT, "ppo_jax.py"), *args, "--out",
-                                  os.path.join(folder, "run")],
-                                 {**os.environ, "XDG_CACHE_HOME": folder})
+        for attempt in ("first", "second"):
+            elapsed, _ = run_command([sys.executable, "-c", PEAK_LAUNCHER, peak, sys.executable,
+                                      os.path.join(ROOT, "ppo_jax.py"), *args, "--quiet",
+                                      "--out", os.path.join(folder, attempt)],
+                                     {**os.environ, "XDG_CACHE_HOME": folder})
         return elapsed, int(open(peak).read()) / 1024
 
 
 def memory() -> None:
     short, long = (peak_rss_mb(["--total-timesteps", str(steps)])
                    for steps in (1_000_000, 20_000_000))
-    print(f"{machine()}\nCartPole preset, peak RSS: 1e6 steps {short[1]:.0f} MB ({short[0]:.0f} s), "
-          f"2e7 steps {long[1]:.0f} MB ({long[0]:.0f} s): {long[1] - short[1]:+.0f} MB "
-          "(bar <= +60)")
+    print(f"{machine()}\nCartPole preset, peak RSS of a cached run: 1e6 steps {short[1]:.0f} MB "
+          f"({short[0]:.0f} s), 2e7 steps {long[1]:.0f} MB ({long[0]:.0f} s): "
+          f"{long[1] - short[1]:+.0f} MB (bar <= +60)")
 
 
 def last_returns(out: str, fraction: float = 0.05):
