@@ -4,6 +4,7 @@
     python benchmarks/bench.py cold        # `python ppo_jax.py` cold and cached, beside the reference
     python benchmarks/bench.py chunks      # the command line's chunked loop against one whole jit
     python benchmarks/bench.py memory      # peak RSS of 1e6- and 2e7-step CartPole runs
+    python benchmarks/bench.py checkpoints # training time with --save-every 5 against none
     python benchmarks/bench.py presets     # every classic-control preset on 4 seeds
     python benchmarks/bench.py presets-minatar  # the MinAtar presets (1e7 steps each)
 
@@ -19,6 +20,7 @@ import argparse
 import functools
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -169,6 +171,25 @@ def memory() -> None:
           f"{long[1] - short[1]:+.0f} MB (bar <= +60)")
 
 
+def checkpoints(rounds: int = 3) -> None:
+    """The CartPole preset for 1e6 steps, with a checkpoint every 5 updates and without,
+    turn about: the training time each summary reports (compiling excluded)."""
+    times = {"none": [], "--save-every 5": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for attempt in range(rounds):
+            for name in times:
+                out = os.path.join(folder, f"{attempt}{len(name)}")
+                _, stdout = run_command([sys.executable, os.path.join(ROOT, "ppo_jax.py"),
+                                         "--total-timesteps", "1000000", "--quiet", "--out", out,
+                                         *name.split()[:2 if name != "none" else 0]],
+                                        {**os.environ, "XDG_CACHE_HOME": folder})
+                times[name].append(float(re.search(r"train ([\d.]+) s", stdout).group(1)))
+    plain, saving = (statistics.median(times[k]) for k in times)
+    print(f"{machine()}\nCartPole preset, 1e6 steps, training time (median of {rounds}): "
+          f"no checkpoints {plain:.2f} s, --save-every 5 {saving:.2f} s "
+          f"({100 * (saving / plain - 1):+.1f} %, bar <= +10 %)")
+
+
 def last_returns(out: str, fraction: float = 0.05):
     """Each run's mean episode return over the last `fraction` of its updates."""
     import numpy as np
@@ -204,7 +225,7 @@ def presets(envs=None, seeds: int = 4) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=["throughput", "cold", "chunks", "memory",
-                                              "presets", "presets-minatar"])
+                                              "checkpoints", "presets", "presets-minatar"])
     parser.add_argument("--seeds", type=int, default=4, help="seeds per preset")
     args = parser.parse_args()
     if args.benchmark == "presets":
