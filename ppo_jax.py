@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib
 import itertools
 import json
@@ -990,8 +991,7 @@ def hparam_axes(hp: HParams) -> HParams:
     return HParams(*(0 if jnp.ndim(v) else None for v in hp))
 
 
-def updates_done(state: RunnerState) -> int:
-    """Updates finished by the runs of a batched RunnerState (all runs move together)."""
+def updates_done(state: RunnerState) -> int:  # of a batched RunnerState: all runs move together
     return int(np.asarray(state.update)[0])
 
 
@@ -1017,12 +1017,11 @@ def make_one_update(config: Config, setup: Setup):
         if config.eval_every:
             done = state.update[0]
             due = (done % config.eval_every == 0) | (done == config.num_updates)
-            nan = jnp.full(config.num_runs, jnp.nan)
             keys = jax.random.split(jax.random.fold_in(make_key(config.seed), done),
                                     config.num_runs)
-            evaluate_now = lambda: tuple(r.mean(axis=-1) for r in evaluate_runs(
+            evaluated = lambda: tuple(r.mean(axis=-1) for r in evaluate_runs(
                 setup, state, keys, config.eval_episodes))
-            evals = jax.lax.cond(due, evaluate_now, lambda: (nan, nan))
+            evals = jax.lax.cond(due, evaluated, lambda: (jnp.full(config.num_runs, np.nan),) * 2)
             metrics.update(eval_return=evals[0], eval_return_stochastic=evals[1])
         return state, metrics
     return one_update
@@ -1097,8 +1096,7 @@ def train_runs(config: Config, runner: Runner, state: RunnerState, stop_at: int 
     return state, concat_metrics(parts), bad
 
 
-def concat_metrics(parts: list[dict]) -> dict:
-    """Chunks' {name: [S, n]} joined along updates."""
+def concat_metrics(parts: list[dict]) -> dict:  # chunks' {name: [S, n]} joined along updates
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]} if parts else {}
 
 
@@ -1243,8 +1241,7 @@ def config_json(config: Config) -> str:
 def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 0):
     """JSON lines, per update from `first_update`, per run (default all) of {name: [S, n]}, NaN as
     null; a sweep adds "setting": 1, "sweep": {"learning_rate": 0.001} ("seed" within it)."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}  # each [S, updates done]
-    settings = config.settings
+    host, settings = {k: np.asarray(v) for k, v in metrics.items()}, config.settings
     for column in range(next(iter(host.values())).shape[1]):
         update = first_update + column
         for run in range(config.num_runs) if runs is None else runs:
@@ -1395,9 +1392,8 @@ def read_metrics(config: Config, path: str, updates: int) -> dict:
     if len(rows) < updates * config.num_runs:
         raise CheckpointError(f"{path} holds {len(rows)} of the {updates * config.num_runs} rows "
                               "the checkpoint covers; restore it from a copy to resume")
-    if not rows:
-        return {}
-    names = [k for k in rows[0, 0] if k not in ("update", "seed", "setting", "sweep", "env_steps")]
+    first = next(iter(rows.values()), {})  # none: a resume from update 0
+    names = [k for k in first if k not in ("update", "seed", "setting", "sweep", "env_steps")]
     return {name: np.array([[np.nan if rows[u, r][name] is None else rows[u, r][name]
                              for u in range(updates)] for r in range(config.num_runs)])
             for name in names}
@@ -1423,10 +1419,9 @@ class MetricsLog:
         """Add updates first_update, first_update + 1, ... of {name: [S, n]}, against steps."""
         for seed, writer in enumerate(self.writers):
             for name, values in metrics.items():
-                for i, value in enumerate(np.asarray(values[seed], np.float64)):
+                for update, value in enumerate(np.asarray(values[seed], np.float64), first_update):
                     if math.isfinite(value):  # NaN: no episode ended, or no evaluation
-                        step = (first_update + i + 1) * self.config.batch_size
-                        writer.add_scalar(name, value, step)
+                        writer.add_scalar(name, value, (update + 1) * self.config.batch_size)
             writer.flush()
 
     def append(self, metrics: dict) -> None:
@@ -1447,7 +1442,7 @@ class MetricsLog:
 # A checkpoint: every run's RunnerState (params, optimizer, counter, normalizers, env states, keys,
 # episodes) in msgpack, no pickle, so loading runs no code; metrics.jsonl is written first.
 CHECKPOINT = "checkpoint.msgpack"
-CHECKPOINT_FORMAT = 3  # 3: the RunnerState alone; the metrics live in metrics.jsonl
+CHECKPOINT_FORMAT = 4  # 4: a SHA-256 of the body travels with it; 3: no hash
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
 RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
 CACHE_MIN_COMPILE_SECONDS = 0.5  # enable_compile_cache: quicker compiles are not worth a file
@@ -1470,9 +1465,10 @@ def save_checkpoint(config: Config, out: str, state: RunnerState) -> None:
     host = jax.tree.map(np.asarray, keys_to_data(state))
     train_config = {k: list(v) if isinstance(v, tuple) else v
                     for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
-    payload = {"format": CHECKPOINT_FORMAT, "config": train_config,
-               "state": serialization.to_state_dict(host)}
-    write_atomic(os.path.join(out, CHECKPOINT), serialization.msgpack_serialize(payload))
+    body = serialization.msgpack_serialize({"format": CHECKPOINT_FORMAT, "config": train_config,
+                                            "state": serialization.to_state_dict(host)})
+    write_atomic(os.path.join(out, CHECKPOINT), serialization.msgpack_serialize(
+        {"sha256": hashlib.sha256(body).hexdigest(), "body": body}))  # any flipped byte: refused
 
 
 def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> RunnerState:
@@ -1482,7 +1478,10 @@ def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> Runn
         raise CheckpointError(f"{path} does not exist; resume or evaluate a run that saved one")
     try:
         with open(path, "rb") as f:
-            payload = serialization.msgpack_restore(f.read())
+            sealed = serialization.msgpack_restore(f.read())
+        if hashlib.sha256(sealed["body"]).hexdigest() != sealed["sha256"]:
+            raise ValueError
+        payload = serialization.msgpack_restore(sealed["body"])
         saved_config, state, version = payload["config"], payload["state"], payload["format"]
         if not (isinstance(saved_config, dict) and isinstance(state, dict)):
             raise TypeError
@@ -1509,6 +1508,8 @@ def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> Runn
             raise CheckpointError(f"{path} holds {jax.tree_util.keystr(where)} of shape "
                                   f"{np.shape(x)} where {w.shape} is expected; it belongs to "
                                   "another run")
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(loaded.params)):
+        raise CheckpointError(f"{path} holds non-finite parameters; use an earlier copy")
     return jax.tree.map(lambda t, x: jax.random.wrap_key_data(x, impl=KEY_IMPL) if is_key(t)
                         else jnp.asarray(x), template, loaded)
 

@@ -2,6 +2,7 @@
 one line, and a non-finite update stops training on the last good state."""
 
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -206,12 +207,40 @@ def edit_config(run: Path, **changes):
     (run / "config.json").write_text(json.dumps({**saved, **changes}))
 
 
+def unseal(run: Path) -> dict:
+    """The checkpoint's payload (format, config, state), its SHA-256 checked."""
+    sealed = serialization.msgpack_restore((run / P.CHECKPOINT).read_bytes())
+    assert hashlib.sha256(sealed["body"]).hexdigest() == sealed["sha256"]
+    return serialization.msgpack_restore(sealed["body"])
+
+
+def reseal(run: Path, payload: dict):
+    """Write a payload back with a matching SHA-256, as a careful forger would."""
+    body = serialization.msgpack_serialize(payload)
+    (run / P.CHECKPOINT).write_bytes(serialization.msgpack_serialize(
+        {"sha256": hashlib.sha256(body).hexdigest(), "body": body}))
+
+
 def shapes_of_another_run(run: Path):
     """Config says 32-wide and the checkpoint's config agrees, but its arrays are 16-wide."""
     edit_config(run, hidden_sizes=[32, 32])
-    payload = serialization.msgpack_restore((run / P.CHECKPOINT).read_bytes())
+    payload = unseal(run)
     payload["config"]["hidden_sizes"] = [32, 32]
-    (run / P.CHECKPOINT).write_bytes(serialization.msgpack_serialize(payload))
+    reseal(run, payload)
+
+
+def flip_a_byte(run: Path, where: float = 0.5):
+    data = bytearray((run / P.CHECKPOINT).read_bytes())
+    data[int(where * (len(data) - 1))] ^= 0x01
+    (run / P.CHECKPOINT).write_bytes(bytes(data))
+
+
+def nan_parameters(run: Path):
+    """A NaN weight in an otherwise valid, correctly hashed checkpoint."""
+    payload = unseal(run)
+    layer = payload["state"]["params"]["actor"]["params"]["Torso_0"]["Dense_0"]
+    layer["kernel"] = np.full_like(layer["kernel"], np.nan)
+    reseal(run, payload)
 
 
 # name: (spoil(run folder), what the message names, the fix it ends with)
@@ -224,6 +253,8 @@ BAD_CHECKPOINTS = {
     "other env": (lambda run: edit_config(run, env="Acrobot-v1"), "env='CartPole-v1'",
                   "another run"),
     "other shapes": (shapes_of_another_run, "of shape", "another run"),
+    "a flipped byte": (flip_a_byte, "is corrupt or truncated", "intact copy"),
+    "NaN parameters": (nan_parameters, "holds non-finite parameters", "earlier copy"),
 }
 
 
@@ -256,6 +287,18 @@ def test_bad_checkpoint_on_the_cli_gets_one_line_and_exit_code_2(bad_run, comman
     assert P.main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, BAD_CHECKPOINTS[name][1])
     assert {p: p.stat().st_mtime_ns for p in bad_run.iterdir()} == before  # nothing touched
+
+
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_refused(ctrl_c, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ctrl_c["run"], run)
+    intact = (run / P.CHECKPOINT).read_bytes()
+    for where in np.linspace(0, 1, 12):
+        flip_a_byte(run, where)
+        with pytest.raises(P.CheckpointError, match="corrupt or truncated"):
+            P.load_run(str(run))
+        (run / P.CHECKPOINT).write_bytes(intact)
+    P.load_run(str(run))  # and the intact one still loads
 
 
 # ── Resume refusals ───────────────────────────────────────────────────────────────────────
