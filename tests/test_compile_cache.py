@@ -59,8 +59,10 @@ def test_crafted_files_in_the_cache_folder_never_run_code(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    for path in (folder / "programs" / "store.pkl", folder / "jit_chunk-crafted",
-                 folder / "init.pickle"):
+    run_cli(tmp_path / "home", *TINY_CLI, "--out", str(tmp_path / "first"))
+    entries = [p for p in folder.iterdir() if p.name.startswith("jit_")]
+    assert entries  # the real entries a second run would load: each replaced by a pickle
+    for path in [*entries, folder / "programs" / "store.pkl", folder / "init.pickle"]:
         path.write_bytes(pickle.dumps(Payload()))
     run_cli(tmp_path / "home", *TINY_CLI, "--out", str(tmp_path / "run"))
     assert not marker.exists()
