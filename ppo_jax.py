@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -129,10 +130,15 @@ class Config:
     """Episodes per evaluation during training (--eval-every)."""
     save_every: int = 0
     """Also checkpoint every N updates (0: only at the end, on Ctrl-C, or on a NaN)."""
+    divergence_guard: bool = True
+    """Stop, as on a NaN, at an update whose approx KL passes 10 or whose value loss passes
+    10,000 times the mean square of its targets (a diverged, not a slow, run)."""
     tensorboard: bool = False
     """Also write every metric to <out>/tensorboard/seed_<i>, at each checkpoint and the end."""
     resume: str | None = None
     """Continue the run in this folder from its checkpoint, with its own config."""
+    trust_env_module: bool = False
+    """With --resume: let the run's 'module:Class' env import its module (that runs its code)."""
     quiet: bool = False
     """No live progress bar."""
     compile_cache: bool = True
@@ -273,10 +279,18 @@ def make_env(env_id: str) -> tuple[Any, Any]:
     if ":" in env_id:
         module_name, _, class_name = env_id.partition(":")
         try:
-            env = getattr(importlib.import_module(module_name), class_name)()
+            cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"cannot load env {env_id!r} ({error}); give 'module:Class' of an "
                               "importable gymnax Environment") from None
+        if not (isinstance(cls, type) and issubclass(cls, gymnax.environments.environment.Environment)):
+            raise ConfigError(f"{env_id} is not a gymnax Environment class; give 'module:Class' "
+                              "of a subclass of gymnax.environments.environment.Environment")
+        try:
+            env = cls()
+        except Exception as error:
+            raise ConfigError(f"cannot create {env_id} ({type(error).__name__}: {error}); its "
+                              "class must be constructible without arguments") from None
         return env, env.default_params
     if env_id not in gymnax.registered_envs:
         close = difflib.get_close_matches(env_id, gymnax.registered_envs, n=3, cutoff=0.5)
@@ -835,6 +849,7 @@ def summarize_update(spec: EnvSpec, finished: FinishedEpisodes, batch: Batch,
         "clip_fraction": means.loss.clip_fraction,
         "explained_variance": 1.0 - jnp.var(batch.target - batch.value) / jnp.var(batch.target),
         "value_rmse": jnp.sqrt(jnp.mean(jnp.square(batch.value - batch.target))),
+        "target_rms": jnp.sqrt(jnp.mean(jnp.square(batch.target))),  # the scale V predicts
         "advantage_mean": batch.advantage.mean(),  # before per-minibatch normalization
         "advantage_std": batch.advantage.std(),
         "grad_norm": means.grad_norm, "grad_clip_fraction": means.clipped,
@@ -880,7 +895,7 @@ def seed_keys(config: Config):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def split_seed(seed, num_seeds: int, num_runs: int):
     keys = jax.random.split(make_key(seed), num_seeds)  # one program, not a few op by op
-    return keys[np.arange(num_runs) % num_seeds]
+    return keys[jnp.arange(num_runs) % num_seeds]
 
 
 # ════════════════ above: PPO, nothing else · below: running it as a program ════════════════
@@ -984,7 +999,12 @@ CHUNK_STEPS = 1 << 16
 # A NaN or inf in any stops training at the last good state (a param norm is finite iff all are).
 GUARDED = ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm",
            "actor_param_norm", "critic_param_norm")
-
+# config.divergence_guard also stops on these: a policy that moved ~1000x farther than PPO's
+# usual 0.01, or a critic whose squared error is 10,000x its targets' own mean square.
+KL_LIMIT, VALUE_LOSS_LIMIT = 10.0, 1e4
+PROBLEMS = (*(f"{name} became NaN or infinite" for name in GUARDED),
+            f"approx_kl passed {KL_LIMIT:g}",
+            f"value_loss passed {VALUE_LOSS_LIMIT:g} times the mean square of its targets")
 
 def hparam_axes(hp: HParams) -> HParams:
     """vmap axes of HParams: 0 for the fields a sweep gives per run, None for scalars."""
@@ -1060,10 +1080,13 @@ def make_runner(config: Config) -> Runner:
 
         def guarded_update(state: RunnerState, bad):
             new_state, metrics = one_update(hp, state)
-            finite = jnp.stack([jnp.isfinite(metrics[k]).all() for k in GUARDED])
-            ok = finite.all()
+            sane = [jnp.isfinite(metrics[k]).all() for k in GUARDED]
+            if config.divergence_guard:
+                sane += [(metrics["approx_kl"] <= KL_LIMIT).all(), (metrics["value_loss"] <= (
+                    VALUE_LOSS_LIMIT * jnp.square(metrics["target_rms"]) + 1e-8)).all()]
+            ok = jnp.stack(sane).all()
             state = jax.lax.cond(ok, lambda: new_state, lambda: state)
-            return state, metrics, jnp.where(ok, bad, jnp.argmin(finite).astype(jnp.int32))
+            return state, metrics, jnp.where(ok, bad, jnp.argmin(jnp.stack(sane)).astype(jnp.int32))
 
         def chunk_step(carry, _):
             state, bad = carry
@@ -1079,8 +1102,14 @@ def make_runner(config: Config) -> Runner:
 
 def run_chunk(chunk, state: RunnerState, stop_at: int, hparams: HParams | None = None):
     """Call a Runner's chunk (or its compiled form): (state, NumPy {name: [S, n run]}, bad)."""
-    before = updates_done(state)
-    state, metrics, bad = chunk(state, jnp.int32(stop_at), *([] if hparams is None else [hparams]))
+    outputs = chunk(state, jnp.int32(stop_at), *([] if hparams is None else [hparams]))
+    return chunk_results(outputs, updates_done(state))
+
+
+def chunk_results(outputs, before: int):
+    """A chunk's outputs, waited for: (state, NumPy {name: [S, n run]}, bad), `before` updates
+    having been done when it started."""
+    state, metrics, bad = outputs
     ran = updates_done(state) - before
     return state, {k: np.asarray(v)[:ran].T for k, v in metrics.items()}, int(bad)
 
@@ -1182,17 +1211,18 @@ def policy_of(state: RunnerState, run: int):
     return jax.tree.map(lambda x: x[run], (state.params, state.norm.obs))
 
 
-def load_run(run_dir: str) -> tuple[Config, RunnerState]:
-    """A run folder's config and the state [S] of its last checkpoint."""
-    config = read_config(run_dir)
+def load_run(run_dir: str, trust_env_module: bool = False) -> tuple[Config, RunnerState]:
+    """A run folder's config and the state [S] of its last checkpoint (see read_config)."""
+    config = read_config(run_dir, trust_env_module)
     template = jax.eval_shape(make_runner(config).init, seed_keys(config))
     return config, load_checkpoint(config, run_dir, template)
 
 
-def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False):
+def load_policy(run_dir: str, seed: int = 0, deterministic: bool = False,
+                trust_env_module: bool = False):
     """A trained policy as a NumPy function obs (, mask) -> action for any loop, e.g. `act =
     load_policy("runs/x"); obs, *_ = env.step(act(obs))`; frozen obs normalization, clipping."""
-    config, state = load_run(run_dir)
+    config, state = load_run(run_dir, trust_env_module)
     if not 0 <= seed < config.num_runs:
         raise ConfigError(f"seed {seed} is not in {run_dir}, which trained runs 0 to "
                           f"{config.num_runs - 1}")
@@ -1233,6 +1263,17 @@ def write_atomic(path: str, data, suffix: str = "") -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(out: str) -> None:
+    """Delete the temporary files that write_atomic left in `out` when its process was killed."""
+    for name in os.listdir(out):
+        match = re.fullmatch(r".+\.tmp(\d+)(\.\w+)?", name)
+        if match and int(match[1]) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(match[1]), 0)  # signal 0 only asks: is that process alive?
+                continue
+            os.remove(os.path.join(out, name))
+
+
 def config_json(config: Config) -> str:
     derived = {k: getattr(config, k) for k in ("batch_size", "minibatch_size", "num_updates")}
     return json.dumps({**dataclasses.asdict(config), **derived}, indent=2)
@@ -1241,8 +1282,8 @@ def config_json(config: Config) -> str:
 def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 0):
     """JSON lines, per update from `first_update`, per run (default all) of {name: [S, n]}, NaN as
     null; a sweep adds "setting": 1, "sweep": {"learning_rate": 0.001} ("seed" within it)."""
-    host, settings = {k: np.asarray(v) for k, v in metrics.items()}, config.settings
-    for column in range(next(iter(host.values())).shape[1]):
+    host, settings = {k: np.asarray(v).tolist() for k, v in metrics.items()}, config.settings
+    for column in range(len(next(iter(host.values()))[0])):
         update = first_update + column
         for run in range(config.num_runs) if runs is None else runs:
             row = {"update": update, "seed": run % config.num_seeds,
@@ -1250,7 +1291,7 @@ def metrics_jsonl(config: Config, metrics: dict, runs=None, first_update: int = 
             if config.sweep:
                 row.update(setting=run // config.num_seeds, sweep=settings[run // config.num_seeds])
             for name, values in host.items():
-                value = values[run, column].item()
+                value = values[run][column]
                 row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
             yield json.dumps(row) + "\n"
 
@@ -1444,7 +1485,8 @@ class MetricsLog:
 CHECKPOINT = "checkpoint.msgpack"
 CHECKPOINT_FORMAT = 4  # 4: a SHA-256 of the body travels with it; 3: no hash
 # Fields that say how to run, not what to train: they may differ between a run and its resume.
-RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume")
+RUN_CONTROL = ("out", "quiet", "compile_cache", "save_every", "tensorboard", "resume",
+               "divergence_guard", "trust_env_module")
 CACHE_MIN_COMPILE_SECONDS = 0.5  # enable_compile_cache: quicker compiles are not worth a file
 
 
@@ -1476,9 +1518,10 @@ def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> Runn
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist; resume or evaluate a run that saved one")
+    with open(path, "rb") as f:  # an OSError here (say, no permission) is no corruption
+        data = f.read()
     try:
-        with open(path, "rb") as f:
-            sealed = serialization.msgpack_restore(f.read())
+        sealed = serialization.msgpack_restore(data)
         if hashlib.sha256(sealed["body"]).hexdigest() != sealed["sha256"]:
             raise ValueError
         payload = serialization.msgpack_restore(sealed["body"])
@@ -1514,8 +1557,33 @@ def load_checkpoint(config: Config, run_dir: str, template: RunnerState) -> Runn
                         else jnp.asarray(x), template, loaded)
 
 
-def read_config(run_dir: str) -> Config:
-    """The Config a run folder was trained with (its config.json)."""
+def save_params(out: str, params) -> None:
+    """params.msgpack (flax msgpack of {"actor", "critic"}, every leaf [S, ...]) and its
+    SHA-256 in params.msgpack.sha256, in `sha256sum -c` format."""
+    data = serialization.to_bytes(jax.device_get(params))
+    write_atomic(os.path.join(out, "params.msgpack"), data)
+    write_atomic(os.path.join(out, "params.msgpack.sha256"),
+                 f"{hashlib.sha256(data).hexdigest()}  params.msgpack\n")
+
+
+def load_params(run_dir: str) -> dict:
+    """A finished run's params.msgpack as nested NumPy arrays, checked against its SHA-256."""
+    path = os.path.join(run_dir, "params.msgpack")
+    try:
+        with open(path, "rb") as f, open(path + ".sha256") as digest:
+            data, expected = f.read(), digest.read().split()[:1]
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{error.filename} does not exist; load the parameters of a run "
+                              "that finished (or its checkpoint, with load_run)") from None
+    if [hashlib.sha256(data).hexdigest()] != expected:
+        raise CheckpointError(f"{path} does not match {path}.sha256: it is corrupt or truncated; "
+                              "use an intact copy, or the same parameters from load_run")
+    return serialization.msgpack_restore(data)
+
+
+def read_config(run_dir: str, trust_env_module: bool = False) -> Config:
+    """The Config a run folder was trained with (its config.json). A folder is data: an env
+    given as 'module:Class' is refused unless `trust_env_module`, as importing runs code."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run folder; pass the --out folder of a run")
@@ -1534,6 +1602,10 @@ def read_config(run_dir: str) -> Config:
     except (ValueError, TypeError, AttributeError):
         raise CheckpointError(f"{path} is not a valid ppo_jax config; restore it from the "
                               "run's original") from None
+    if ":" in config.env and not trust_env_module:
+        raise CheckpointError(f"{path} names the env {config.env}, and importing its module runs "
+                              "that module's code; if you trust this folder, add "
+                              "--trust-env-module")
     return config
 
 
@@ -1576,7 +1648,8 @@ def parse_config(argv: list[str]) -> Config:
         return None
     resume = flag_value("--resume")
     if resume is not None:
-        default = dataclasses.replace(read_config(resume), out=resume, resume=resume)
+        trusted = "--trust-env-module" in argv
+        default = dataclasses.replace(read_config(resume, trusted), out=resume, resume=resume)
     else:
         default = preset_config(flag_value("--env") or Config.env)
     config = parse_flags(Config, argv, default=default, description=__doc__.split("\n")[0])
@@ -1587,8 +1660,8 @@ def parse_config(argv: list[str]) -> Config:
                    and getattr(config, f.name) != getattr(default, f.name)]
         if changed:
             raise ConfigError(f"--resume continues {resume} with its own settings; drop "
-                              f"--{changed[0].replace('_', '-')} (only --quiet, --save-every, "
-                              "--tensorboard and --compile-cache may change)")
+                              f"--{changed[0].replace('_', '-')} (only run-control flags such "
+                              "as --quiet, --save-every or --tensorboard may change)")
     return config
 
 
@@ -1615,6 +1688,32 @@ def create_out_dir(config: Config) -> str:
     return out
 
 
+def device_memory() -> int | None:
+    """Bytes the default device can hold: its allocator's limit (GPU), else available RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"]
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_memory(config: Config, *compiled) -> None:
+    """Refuse, before they run, programs that need more memory than the device has: XLA's own
+    count of each one's arguments, outputs and temporaries (rollout, minibatches, states)."""
+    analyses = [a for a in (program.memory_analysis() for program in compiled) if a is not None]
+    need = max((a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
+                for a in analyses), default=0)
+    limit = device_memory()
+    if limit and need > limit:
+        raise ConfigError(f"{config.num_runs} run(s) x {config.num_envs} envs x {config.num_steps}"
+                          f" steps need about {need / 2**30:.1f} GiB, and the {jax.default_backend()}"
+                          f" has {limit / 2**30:.1f} GiB free; lower --num-envs, --num-steps or "
+                          "--num-seeds")
+
+
 def enable_compile_cache() -> None:
     """JAX's persistent cache (1 GiB, LRU): a second identical run loads instead of compiling."""
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
@@ -1624,21 +1723,30 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_max_size", 1 << 30)  # evicts with filelock
 
 
-def training_loop(config: Config, out: str, chunk, state: RunnerState, log: MetricsLog,
+def training_loop(config: Config, out: str, runner: Runner, state: RunnerState, log: MetricsLog,
                   ctrl_c: CtrlC):
-    """Run chunks to the end, a non-finite update or Ctrl-C, with progress and checkpoints."""
+    """Run chunks to the end, a non-finite or diverging update, or Ctrl-C, with progress and
+    checkpoints: (state, problem or None). Each chunk is dispatched before the host handles the
+    last one's metrics and checkpoint, so the device does not wait for the host."""
     from tqdm import tqdm
     label = config.env + (f" x{config.num_runs}" if config.num_runs > 1 else "")
     bar = tqdm(total=config.num_updates * config.batch_size, unit="step", unit_scale=True,
                initial=log.done * config.batch_size, dynamic_ncols=True, file=sys.stderr,
                desc=label, disable=config.quiet)
-    bad = -1
+
+    def launch(state: RunnerState, done: int):  # (updates done at its end, unless one fails)
+        return min(config.num_updates, done + runner.chunk_updates), runner.chunk(
+            state, config.num_updates)
+    problem, running = None, launch(state, log.done)
     with contextlib.closing(bar):
-        while log.done < config.num_updates and bad < 0 and not ctrl_c.presses:
-            stop_at = config.num_updates  # no chunk passes the next checkpoint
-            if config.save_every:
-                stop_at = min(stop_at, (log.done // config.save_every + 1) * config.save_every)
-            state, metrics, bad = run_chunk(chunk, state, stop_at)
+        while running:
+            end, outputs = running
+            go_on = end < config.num_updates and not ctrl_c.presses
+            running = launch(outputs[0], end) if go_on else None  # the device goes on meanwhile
+            done_before = log.done
+            state, metrics, bad = chunk_results(outputs, done_before)
+            if bad >= 0:  # the next chunk, already dispatched, is dropped
+                problem, running = f"{PROBLEMS[bad]} in update {updates_done(state) + 1}", None
             if metrics["episode_return"].size:
                 log.append(metrics)
                 bar.update(metrics["episode_return"].shape[1] * config.batch_size)
@@ -1646,23 +1754,26 @@ def training_loop(config: Config, out: str, chunk, state: RunnerState, log: Metr
                 if np.isfinite(returns).any():
                     spread = f" (min {np.nanmin(returns):.1f})" if returns.size > 1 else ""
                     bar.set_postfix_str(f"return {np.nanmean(returns):.1f}{spread}")
-            due = config.save_every and log.done % config.save_every == 0
-            if due and log.done < config.num_updates:
+            every = config.save_every
+            if running and every and log.done // every > done_before // every:  # one was due
                 save_checkpoint(config, out, state)
-    return state, bad
+    return state, problem
 
 
 def train_and_save(config: Config, out: str, start: float) -> int:
     """Compile, train, write every output (checkpoint, parameters, plots, metrics per sweep
-    setting), print the summary. Exit code: 0 done, 130 Ctrl-C (checkpointed), 1 a NaN."""
+    setting), print the summary. Exit code: 0 done, 130 Ctrl-C (checkpointed), 1 a NaN or a
+    diverged update (the last good state checkpointed)."""
     with CtrlC() as ctrl_c:
         t0 = time.perf_counter()
-        runner, keys = make_runner(config), seed_keys(config)
+        runner, keys = make_runner(config), jax.eval_shape(lambda: seed_keys(config))
         template = jax.eval_shape(runner.init, keys)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # init compiles beside the chunk
             init = None if config.resume else pool.submit(lambda: runner.init.lower(keys).compile())
-            chunk = runner.chunk.lower(template, jnp.int32(0)).compile()
-            state = load_checkpoint(config, out, template) if config.resume else init.result()(keys)
+            runner = runner._replace(chunk=runner.chunk.lower(template, jnp.int32(0)).compile())
+            check_memory(config, runner.chunk, *([] if config.resume else [init.result()]))
+            state = (load_checkpoint(config, out, template) if config.resume
+                     else init.result()(seed_keys(config)))
         if updates_done(state) >= config.num_updates:
             raise CheckpointError(f"{out} finished all {config.num_updates} updates; nothing to "
                                   f"resume (evaluate it with: python ppo_jax.py eval {out})")
@@ -1671,7 +1782,7 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         ctrl_c.start_training()
         t1 = time.perf_counter()
         try:
-            state, bad = training_loop(config, out, chunk, state, log, ctrl_c)
+            state, problem = training_loop(config, out, runner, state, log, ctrl_c)
         finally:
             log.close()
         t2 = time.perf_counter()
@@ -1682,8 +1793,7 @@ def train_and_save(config: Config, out: str, start: float) -> int:
             runs = range(index * config.num_seeds, (index + 1) * config.num_seeds)
             write_atomic(os.path.join(out, f"metrics_{label}.jsonl"),
                          metrics_jsonl(config, metrics, runs))
-        write_atomic(os.path.join(out, "params.msgpack"),
-                     serialization.to_bytes(jax.device_get(state.params)))
+        save_params(out, state.params)
         if metrics:  # at least one update finished
             plot_learning_curve(config, metrics, os.path.join(out, "learning_curve.png"))
             if config.diagnostics:
@@ -1699,10 +1809,10 @@ def train_and_save(config: Config, out: str, start: float) -> int:
         steps = (done - first) * config.batch_size * config.num_runs
         print(f"{steps / max(t2 - t1, 1e-9):,.0f} steps/s | compile {t1 - t0:.1f} s | "
               f"train {t2 - t1:.1f} s | wall {time.perf_counter() - start:.1f} s | output {out}")
-    if bad >= 0:
-        print(f"error: {GUARDED[bad]} became NaN or infinite in update {done + 1}; training "
-              f"stopped. The last good state (update {done}) is in {os.path.join(out, CHECKPOINT)};"
-              " lower --learning-rate or --max-grad-norm and train again", file=sys.stderr)
+    if problem:
+        print(f"error: {problem}; training stopped. The last good state (update {done}) is in "
+              f"{os.path.join(out, CHECKPOINT)}; lower --learning-rate or --max-grad-norm and "
+              "train again", file=sys.stderr)
         return 1
     if done < config.num_updates:  # stopped by Ctrl-C
         print(f"stopped after update {done} of {config.num_updates}; resume with: "
@@ -1722,6 +1832,8 @@ class EvalArgs:
     """Random seed of the evaluation episodes."""
     render: bool = False
     """Also save policy.gif: one deterministic episode of seed 0."""
+    trust_env_module: bool = False
+    """Let the run's 'module:Class' env import its module (that runs its code)."""
 
 
 def eval_main(argv: list[str]) -> int:
@@ -1733,7 +1845,7 @@ def eval_main(argv: list[str]) -> int:
                        description=EvalArgs.__doc__)
     if args.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {args.episodes}")
-    config, state = load_run(args.run_dir)
+    config, state = load_run(args.run_dir, args.trust_env_module)
     if args.render:
         check_renderable(config.env)
     if config.compile_cache:  # as the run was trained: evaluating it again skips compiling
@@ -1759,8 +1871,29 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
+def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
+    """The exit code and the one line that `error` ends the program with (None: a bug, raise)."""
+    checkpoint = os.path.join(out, CHECKPOINT) if out else None
+    if checkpoint and os.path.exists(checkpoint):
+        kept = f"; the last checkpoint is intact: resume with: python ppo_jax.py --resume {out}"
+    else:
+        kept = "; nothing was saved" if out else ""
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "\ninterrupted" + kept
+    if isinstance(error, ConfigError):
+        return 2, f"error: {error}"
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return 1, f"error: {error.strerror or error}{where}; free space or fix permissions{kept}"
+    if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
+        return 1, ("error: the device ran out of memory; lower --num-envs, --num-steps or "
+                   f"--num-seeds{kept}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    start = time.perf_counter()
+    """The command line: train (or resume), or `eval`. Exit codes as failure() and the README."""
+    start, out, fresh = time.perf_counter(), None, False
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["eval"]:
@@ -1769,31 +1902,26 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(config)
         make_setup(config)  # an unknown env or a bad mask fails here, before any folder exists
         out = config.resume or create_out_dir(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if config.compile_cache:
-        enable_compile_cache()
-    if not config.resume:
-        write_atomic(os.path.join(out, "config.json"), config_json(config))
-    try:
+        fresh = not config.resume
+        if config.compile_cache:
+            enable_compile_cache()
+        if fresh:
+            write_atomic(os.path.join(out, "config.json"), config_json(config))
+        else:
+            remove_stale_temporaries(out)
         return train_and_save(config, out, start)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except BaseException as error:
-        metrics = os.path.join(out, "metrics.jsonl")  # nothing trained: remove the new folder
-        if (not config.resume and set(os.listdir(out)) <= {"config.json", "metrics.jsonl"}
+        metrics = os.path.join(out or "", "metrics.jsonl")  # nothing trained: remove the folder
+        if (fresh and set(os.listdir(out)) <= {"config.json", "metrics.jsonl"}
                 and (not os.path.exists(metrics) or os.path.getsize(metrics) == 0)):
             for name in os.listdir(out):
                 os.remove(os.path.join(out, name))
             os.rmdir(out)
-        if isinstance(error, KeyboardInterrupt):
-            saved = os.path.exists(os.path.join(out, CHECKPOINT))
-            resume = f"the last checkpoint is intact: resume with: python ppo_jax.py --resume {out}"
-            print("\ninterrupted; " + (resume if saved else "nothing was saved"), file=sys.stderr)
-            return 130
-        raise
+        code_and_line = failure(error, out)
+        if code_and_line is None:
+            raise
+        print(code_and_line[1], file=sys.stderr)
+        return code_and_line[0]
 
 
 if __name__ == "__main__":

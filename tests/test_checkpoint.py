@@ -23,10 +23,10 @@ from helpers import tiny_config
 ROOT = Path(__file__).parents[1]
 TINY = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--no-compile-cache", "--no-diagnostics"]
-# Long enough to be interrupted: 500 updates, ~3 s of training (as the tests compile it, see
-# conftest.py) after ~10 s of start-up and compiling. The first checkpoint (update 10) says
-# training has begun; the stop lands at the end of the chunk under way (10 updates each).
-LONG = ["--total-timesteps", "64000", "--num-envs", "4", "--num-steps", "32",
+# Long enough to be interrupted: 500 updates in four chunks (128 updates of 512 steps each, see
+# CHUNK_STEPS), a few seconds of training after ~10 s of start-up and compiling. The first
+# checkpoint (end of chunk 1) says training has begun; the stop lands at the end of a chunk.
+LONG = ["--total-timesteps", "256000", "--num-envs", "16", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--update-epochs", "2", "--num-minibatches", "2",
         "--save-every", "10", "--no-compile-cache", "--no-diagnostics"]
 

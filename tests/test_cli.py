@@ -17,9 +17,9 @@ TINY = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "32",
         "--hidden-sizes", "16", "16", "--no-compile-cache"]
 
 
-def run_cli(*args, cwd=ROOT):
+def run_cli(*args, cwd=ROOT, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "ppo_jax.py"), *args], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 def test_cli_trains_and_writes_every_output(tmp_path):
