@@ -129,7 +129,8 @@ class Config:
     eval_episodes: int = 16
     """Episodes per evaluation during training (--eval-every)."""
     save_every: int = 0
-    """Also checkpoint every N updates (0: only at the end, on Ctrl-C, or on a NaN)."""
+    """Also checkpoint at the end of each chunk that completes an N-th update (0: only at the
+    end, on Ctrl-C, or on a bad update)."""
     divergence_guard: bool = True
     """Stop, as on a NaN, at an update whose approx KL passes 10 or whose value loss passes
     10,000 times the mean square of its targets (a diverged, not a slow, run)."""
