@@ -3,6 +3,7 @@
 Run it:
     python ppo_jax.py --env Acrobot-v1 --num-seeds 8   # train, with live progress (--help: flags)
     python ppo_jax.py eval runs/<folder>               # score a trained run
+    python ppo_jax.py diagnose runs/<folder>           # what went wrong in it, in plain lines
 Import it:
     train = jax.jit(jax.vmap(ppo_jax.make_train(ppo_jax.Config(env="CartPole-v1"))))
     runner_state, metrics = train(jax.random.split(ppo_jax.make_key(0), 8))  # 8 seeds, one jit
@@ -991,6 +992,82 @@ def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
     return diagnose
 
 
+# ── Diagnosis (python ppo_jax.py diagnose RUN; also printed once each during training) ──────
+# Thresholds from measured runs: the CartPole preset's approx KL peaked at 0.02 over 1,953
+# updates and its clip fraction at 0.19; notebook 03's collapsing runs sat at KL ~1.2.
+KL_WARN, SUSTAINED = 0.05, 3  # approx KL above KL_WARN for SUSTAINED updates in a row
+LOW_ENTROPY, GIVEN_BACK = 0.1, 0.2  # normalized entropy; share of its gain the return lost
+ALWAYS_CLIPPED, DEAD_UNITS = 0.9, 0.5  # median share of clipped steps; dormant/saturated share
+
+
+def first_sustained(x: np.ndarray, limit: float, n: int = SUSTAINED) -> np.ndarray:
+    """[S]: the first update index of x [S, U] that starts n updates in a row above limit."""
+    above = np.nan_to_num(x, nan=0.0) > limit
+    if above.shape[1] < n:
+        return np.full(len(x), -1)
+    rows = np.lib.stride_tricks.sliding_window_view(above, n, axis=1).all(axis=2)
+    return np.where(rows.any(axis=1), rows.argmax(axis=1), -1)
+
+
+def smoothed(x: np.ndarray, width: int = 10) -> np.ndarray:
+    """Trailing mean over `width` updates of x [S, U], NaN (no episode ended) left out."""
+    filled = np.cumsum(np.nan_to_num(x), axis=1)
+    counts = np.cumsum(np.isfinite(x), axis=1)
+    shift = lambda c: np.pad(c, ((0, 0), (width, 0)))[:, :-width]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (filled - shift(filled)) / (counts - shift(counts))
+
+
+def diagnose_metrics(config: Config, metrics: dict) -> list[tuple[str, int, str]]:
+    """What went wrong in metrics {name: [S, U]}: (check, first update, one plain line with
+    the evidence, likely causes and flags to try), earliest first. Empty for a healthy run."""
+    found, lr = [], config.learning_rate
+
+    def add(check: str, first: np.ndarray, text: str) -> None:
+        hit = np.flatnonzero(first >= 0)
+        if hit.size:
+            at = int(first[hit].min()) + 1
+            found.append((check, at, f"from update {at} in {hit.size} of {len(first)} runs: {text}"))
+    for name in GUARDED:
+        bad = ~np.isfinite(metrics[name])
+        add(name, np.where(bad.any(axis=1), bad.argmax(axis=1), -1), f"{name} became NaN or "
+            f"infinite; try a lower --learning-rate (now {lr:g}) or --max-grad-norm")
+    kl, clip = metrics["approx_kl"], metrics["clip_fraction"]
+    add("kl", first_sustained(kl, KL_WARN),
+        f"approx KL up to {np.nanmax(kl):.2g} per update (usual <= 0.02), clip fraction up to "
+        f"{np.nanmax(clip):.2f}: each update moves the policy too far, which can lock it onto a "
+        f"few actions; try --learning-rate {lr / 10:g}, --target-kl 0.02 or fewer --update-epochs")
+    if "entropy_normalized" in metrics:
+        returns = smoothed(metrics["episode_return"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            start, peak = np.nanmin(returns, axis=1), np.nanmax(returns, axis=1)
+            gave_back = peak - returns[:, -1] > GIVEN_BACK * (peak - start)
+        low = metrics["entropy_normalized"] < LOW_ENTROPY
+        add("entropy", np.where(low.any(axis=1) & gave_back, low.argmax(axis=1), -1),
+            f"normalized entropy fell below {LOW_ENTROPY} (nearly deterministic) and the return "
+            f"then gave back over {GIVEN_BACK:.0%} of its gain: premature convergence; try "
+            "--ent-coef 0.01 (or --ent-coef-final), a lower --learning-rate or --target-kl 0.02")
+    clipped = np.nanmedian(metrics["grad_clip_fraction"], axis=1)
+    add("grad_clip", np.where(clipped >= ALWAYS_CLIPPED, 0, -1), f"the gradient was clipped "
+        f"on {np.max(clipped):.0%} of steps (median): --max-grad-norm, not the learning rate, "
+        "sets the step; often an unscaled value loss: try --normalize-reward or --clip-value-loss")
+    # The critic: negative explained variance over the second half, with errors of at least
+    # 10 % of the targets' size (a solved task's near-constant returns make the variance noise).
+    middle = metrics["explained_variance"].shape[1] // 2
+    if middle >= 10 and "target_rms" in metrics:
+        explained = np.nanmedian(metrics["explained_variance"][:, middle:], axis=1)
+        relative = np.nanmedian((metrics["value_rmse"] / metrics["target_rms"])[:, middle:], 1)
+        add("critic", np.where((explained < 0) & (relative > 0.1), middle, -1),
+            f"the critic explained none of the returns' variance in the second half (explained "
+            f"variance {np.min(explained):.2f}): the advantages are mostly noise; try "
+            "--normalize-reward, a lower --learning-rate or wider --hidden-sizes")
+    for name in [k for k in metrics if k.endswith(("dormant_fraction", "saturated_fraction"))]:
+        add(name, first_sustained(metrics[name], DEAD_UNITS, 1), f"{name} above {DEAD_UNITS}: "
+            f"the {name.split('_')[0]} lost capacity; try a lower --learning-rate")
+    return sorted(found, key=lambda finding: finding[1])
+
+
 # ── Runner ────────────────────────────────────────────────────────────────────────────────
 # The CLI trains S runs (seeds, or sweep settings) side by side with make_train's update_step in
 # jitted chunks (state on the device); between them a Python loop shows progress, writes metrics
@@ -1738,7 +1815,7 @@ def training_loop(config: Config, out: str, runner: Runner, state: RunnerState, 
     def launch(state: RunnerState, done: int):  # (updates done at its end, unless one fails)
         return min(config.num_updates, done + runner.chunk_updates), runner.chunk(
             state, config.num_updates)
-    problem, running = None, launch(state, log.done)
+    problem, running, warned = None, launch(state, log.done), set()
     with contextlib.closing(bar):
         while running:
             end, outputs = running
@@ -1750,6 +1827,10 @@ def training_loop(config: Config, out: str, runner: Runner, state: RunnerState, 
                 problem, running = f"{PROBLEMS[bad]} in update {updates_done(state) + 1}", None
             if metrics["episode_return"].size:
                 log.append(metrics)
+                for check, _, line in diagnose_metrics(config, log.metrics()):
+                    if check not in warned and not config.quiet:
+                        warned.add(check)
+                        bar.write(f"warning: {line} (python ppo_jax.py diagnose {out})", sys.stderr)
                 bar.update(metrics["episode_return"].shape[1] * config.batch_size)
                 returns = metrics["episode_return"][:, -1]
                 if np.isfinite(returns).any():
@@ -1872,6 +1953,25 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
+def diagnose_main(argv: list[str]) -> int:
+    """The diagnose command: what went wrong in a run, from its metrics.jsonl alone."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise ConfigError("diagnose needs a run folder: python ppo_jax.py diagnose RUN_DIR")
+    config = read_config(argv[0], trust_env_module=True)  # reads numbers; imports no env
+    path = os.path.join(argv[0], "metrics.jsonl")
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        updates = sum(1 for line in f if line.strip()) // config.num_runs
+    metrics = read_metrics(config, path, updates) if updates else {}
+    if not metrics:
+        raise CheckpointError(f"{path} holds no finished update; diagnose a run that trained")
+    findings = diagnose_metrics(config, metrics)
+    print(f"{config.env}, {config.num_runs} run(s) x {updates} updates: " +
+          (f"{len(findings)} finding(s)" if findings else "nothing looks wrong"))
+    for _, _, line in findings:
+        print(f"- {line}")
+    return 0
+
+
 def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
     """The exit code and the one line that `error` ends the program with (None: a bug, raise)."""
     checkpoint = os.path.join(out, CHECKPOINT) if out else None
@@ -1899,6 +1999,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["eval"]:
             return eval_main(argv[1:])
+        if argv[:1] == ["diagnose"]:
+            return diagnose_main(argv[1:])
         config = parse_config(argv)
         validate_config(config)
         make_setup(config)  # an unknown env or a bad mask fails here, before any folder exists
