@@ -7,6 +7,8 @@
     python benchmarks/bench.py checkpoints # training time with --save-every 5 against none
     python benchmarks/bench.py presets     # every classic-control preset on 4 seeds
     python benchmarks/bench.py presets-minatar  # the MinAtar presets (1e7 steps each)
+    python benchmarks/bench.py diagnose    # when diagnose flags notebook 03's collapse
+    python benchmarks/bench.py classic     # learning and steps/s beside a PureJaxRL-style loop
 
 Each prints its numbers and the machine they came from. Run one benchmark at a time on an
 otherwise idle machine: two at once share the cores and both numbers lie. Comparisons run
@@ -78,6 +80,46 @@ def throughput(rounds: int = 7) -> None:
     print(f"{machine()}\nsteps/s at PureJaxRL's CartPole settings, median of {rounds}: "
           f"ppo_jax {ours_rate:,.0f}, reference {theirs_rate:,.0f}, "
           f"ratio {ours_rate / theirs_rate:.3f} (bar >= 1.0)")
+
+
+def classic(seeds: int = 16) -> None:
+    """Learning and speed side by side at PureJaxRL's CartPole settings (Config's defaults):
+    ppo_jax's make_train and reference_ppo.py's loop, each vmapped over `seeds` seeds in one
+    jit. A seed's score: its mean episode return over the last 5 % of updates."""
+    import jax
+    import numpy as np
+
+    import ppo_jax as P
+    import reference_ppo as R
+    from ablation import bootstrap_ci, iqm
+
+    configs = {"ppo_jax": P.Config(num_seeds=seeds),
+               "ppo_jax --normalize-reward": P.Config(num_seeds=seeds, normalize_reward=True),
+               "ppo_jax --clip-value-loss": P.Config(num_seeds=seeds, clip_value_loss=True)}
+    train, steps = R.make_train(R.CONFIG)
+    tail = max(1, int(configs["ppo_jax"].num_updates * 0.05))
+    print(f"{machine()}\n| loop | IQM | 95 % CI | mean | worst seed | seeds >= 475 | steps/s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for name in (*configs, "reference"):
+        if name in configs:
+            run = jax.jit(jax.vmap(P.make_train(configs[name])))
+            keys = P.seed_keys(configs[name])
+        else:
+            run = jax.jit(jax.vmap(train))
+            keys = jax.random.split(jax.random.key(0), seeds)
+        compiled = run.lower(keys).compile()
+        start = time.perf_counter()
+        _, metrics = jax.block_until_ready(compiled(keys))
+        rate = seeds * steps / (time.perf_counter() - start)
+        if name in configs:
+            scores = np.nanmean(np.asarray(metrics["episode_return"])[:, -tail:], axis=1)
+        else:  # every step's (return of the episode that ended there, done): [S, U, T, N]
+            returns, done = (np.asarray(m)[:, -tail:] for m in metrics)
+            scores = returns.sum(axis=(1, 2, 3)) / np.maximum(done.sum(axis=(1, 2, 3)), 1)
+        low, high = bootstrap_ci(scores)
+        print(f"| {name} | {iqm(scores):.1f} | [{low:.1f}, {high:.1f}] | {scores.mean():.1f} | "
+              f"{scores.min():.1f} | {(scores >= 475).sum()} / {seeds} | {rate:,.0f} |",
+              flush=True)
 
 
 def run_command(command: list[str], env: dict) -> tuple[float, str]:
@@ -222,10 +264,39 @@ def presets(envs=None, seeds: int = 4) -> None:
               f"{returns.min():.1f} | {elapsed:.0f} s |", flush=True)
 
 
+def diagnose(seeds: int = 3) -> None:
+    """Notebook 03's collapsing setting (masked maze, lr 5e-3, no entropy bonus), `seeds`
+    seeds: the update where `diagnose` first flags each run against the update where its
+    return (10-update trailing mean) peaks; and the CartPole preset on 4 seeds: no findings."""
+    import jax
+    import numpy as np
+
+    import ppo_jax as P
+
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    collapse = P.Config(env="masked_maze:MaskedMaze", num_seeds=seeds, num_envs=4,
+                        num_steps=1024, num_minibatches=32, update_epochs=2,
+                        learning_rate=5e-3, anneal_lr=False, gamma=0.975,
+                        hidden_sizes=(352, 352), ent_coef=0.0, total_timesteps=100 * 4 * 1024)
+    solved = P.preset_config("CartPole-v1", num_seeds=4)
+    print(machine())
+    for name, config in (("notebook 03's setting", collapse), ("CartPole preset", solved)):
+        _, metrics = jax.jit(jax.vmap(P.make_train(config)))(P.seed_keys(config))
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        peaks = np.nanargmax(P.smoothed(metrics["episode_return"]), axis=1) + 1
+        for run in range(config.num_runs):
+            alone = {k: v[run:run + 1] for k, v in metrics.items()}
+            found = P.diagnose_metrics(config, alone)
+            first = ", ".join(f"{check} at update {update}" for check, update, _ in found)
+            print(f"{name}, seed {run}: return peaks at update {peaks[run]}; "
+                  f"diagnose: {first or 'nothing'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=["throughput", "cold", "chunks", "memory",
-                                              "checkpoints", "presets", "presets-minatar"])
+                                              "checkpoints", "presets", "presets-minatar",
+                                              "diagnose", "classic"])
     parser.add_argument("--seeds", type=int, default=4, help="seeds per preset")
     args = parser.parse_args()
     if args.benchmark == "presets":
