@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--envs", nargs="+", default=list(BASES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--total-timesteps", type=int, help="override every base's budget")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "ablation.md"))
     args = parser.parse_args()
     lines = [f"Measured by `python benchmarks/ablation.py` on {machine()}, {args.seeds} seeds "
@@ -81,7 +82,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for env in args.envs:
         for name in args.variants:
-            config = P.Config(**{**vars(BASES[env]()), **VARIANTS[name], "num_seeds": args.seeds})
+            budget = {"total_timesteps": args.total_timesteps} if args.total_timesteps else {}
+            config = P.Config(**{**vars(BASES[env]()), **VARIANTS[name], **budget,
+                                 "num_seeds": args.seeds})
             start = time.perf_counter()
             scores = scores_of(config)
             low, high = bootstrap_ci(scores)

@@ -19,6 +19,7 @@ minute. reference_ppo.py is PPO written the common single-jit way (PureJaxRL's s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -93,9 +94,11 @@ def classic(seeds: int = 16) -> None:
     import reference_ppo as R
     from ablation import bootstrap_ci, iqm
 
+    unscaled = P.Config(num_seeds=seeds, normalize_reward=False)
     configs = {"ppo_jax": P.Config(num_seeds=seeds),
-               "ppo_jax --normalize-reward": P.Config(num_seeds=seeds, normalize_reward=True),
-               "ppo_jax --clip-value-loss": P.Config(num_seeds=seeds, clip_value_loss=True)}
+               "ppo_jax --no-normalize-reward": unscaled,
+               "ppo_jax --no-normalize-reward --clip-value-loss": dataclasses.replace(
+                   unscaled, clip_value_loss=True)}
     train, steps = R.make_train(R.CONFIG)
     tail = max(1, int(configs["ppo_jax"].num_updates * 0.05))
     print(f"{machine()}\n| loop | IQM | 95 % CI | mean | worst seed | seeds >= 475 | steps/s |\n"

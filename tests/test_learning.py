@@ -39,7 +39,8 @@ def test_value_of_an_endless_task_approaches_one_over_one_minus_gamma(bootstrap)
     gamma = 0.9  # true value 1 / (1 - gamma) = 10; cut at the time limit it averages ~6
     config = P.Config(env=f"{__name__}:AlwaysTruncated", total_timesteps=8 * 32 * 150, num_envs=8,
                       num_steps=32, gamma=gamma, gae_lambda=0.95, learning_rate=3e-3,
-                      hidden_sizes=(16,), bootstrap_truncation=bootstrap)
+                      hidden_sizes=(16,), bootstrap_truncation=bootstrap,
+                      normalize_reward=False)  # the value in reward units
     state, _ = jax.jit(P.make_train(config))(P.make_key(0))
     env, env_params = P.make_env(config.env)
     agent = P.make_agent(config, P.env_spec(env, env_params))

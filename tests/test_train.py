@@ -1,5 +1,6 @@
 """make_train and make_runner: determinism, seeds in a vmap, metrics, schedules."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -77,8 +78,9 @@ def test_a_chunk_runs_at_most_chunk_updates_and_stops_before_stop_at():
 
 def test_episode_statistics_count_only_finished_episodes():
     """Compare with a host-side tracker fed the raw rewards and done flags, across two
-    rollouts so that episodes span rollout boundaries."""
-    config = tiny_config(num_steps=40)
+    rollouts so that episodes span rollout boundaries (rewards unscaled, so that the
+    transitions hold the raw ones; scaled, the returns stay raw: the next test)."""
+    config = tiny_config(num_steps=40, normalize_reward=False)
     env, env_params, spec, agent, state = build(config)
     running = np.zeros(config.num_envs)
     for _ in range(2):
@@ -93,6 +95,22 @@ def test_episode_statistics_count_only_finished_episodes():
                 running[n] = 0.0
         assert int(finished.count) == len(ended) > 0
         np.testing.assert_allclose(float(finished.return_sum), sum(ended), rtol=1e-6)
+
+
+def test_episode_returns_stay_in_reward_units_when_rewards_are_scaled():
+    config = tiny_config(num_steps=40)
+    assert config.normalize_reward
+    raw = dataclasses.replace(config, normalize_reward=False)
+    for c in (config, raw):
+        env, env_params, spec, agent, state = build(c)
+        state, traj, finished = P.collect_rollout(env, env_params, spec, agent, c.num_steps,
+                                                  0.99, state)
+        done = np.asarray(traj.terminated | traj.truncated)
+        lengths = float(finished.length_sum)
+        assert finished.count > 0
+        # CartPole pays 1 per step: an episode's return equals its length, in raw units.
+        np.testing.assert_allclose(float(finished.return_sum), lengths)
+        assert done.sum() == int(finished.count)
 
 
 def test_update_without_finished_episodes_reports_nan_not_zero():
