@@ -196,8 +196,8 @@ class HParams(NamedTuple):
 # `--env X` starts from PRESETS[X] (results in the README); explicit flags override it.
 PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": dict(total_timesteps=150_000, num_envs=16, num_steps=32, learning_rate=2.5e-3),
-    "Acrobot-v1": dict(total_timesteps=500_000, num_envs=16, num_steps=128, learning_rate=1e-3,
-                       ent_coef=0.0),
+    "Acrobot-v1": dict(total_timesteps=500_000, num_envs=16, num_steps=128, learning_rate=5e-3,
+                       gae_lambda=0.9, ent_coef=0.0),
     # Sparse reward: without normalized observations and rewards the policy stays at -200.
     "MountainCar-v0": dict(total_timesteps=1_000_000, num_envs=16, num_steps=16, gae_lambda=0.98,
                            ent_coef=0.0, learning_rate=3e-4, anneal_lr=False, normalize_obs=True),

@@ -6,8 +6,8 @@ cell, reported as IQM with a bootstrap 95 % interval over seeds.
 
 A seed's score is its mean episode return over the last 5 % of its updates. Each cell trains
 all its seeds in one jit through the Python API (jax.vmap(make_train(config))), so no guard
-stops a run early. CartPole runs at PureJaxRL's settings (Config's defaults, 5e5 steps); the
-other envs start from their preset.
+stops a run early. CartPole runs at PureJaxRL's settings (Config's defaults with rewards
+unscaled, 5e5 steps); the other envs start from their preset.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ VARIANTS = {
     "no truncation bootstrap": {"bootstrap_truncation": False},
     "no gradient clipping": {"max_grad_norm": 1000.0},
 }
-# env: the base config (CartPole: the classic settings, Config's defaults)
+# env: the base config (CartPole: the classic settings, as PureJaxRL runs them: rewards unscaled)
 BASES = {
-    "CartPole-v1": lambda: P.Config(env="CartPole-v1"),
+    "CartPole-v1": lambda: P.Config(env="CartPole-v1", normalize_reward=False),
     "Acrobot-v1": lambda: P.preset_config("Acrobot-v1"),
     "Pendulum-v1": lambda: P.preset_config("Pendulum-v1"),
     "MountainCar-v0": lambda: P.preset_config("MountainCar-v0"),
