@@ -10,7 +10,8 @@ Import it:
 
 The file reads in the algorithm's order, from the config to make_train, which composes
 collect_rollout, compute_gae, ppo_loss and update; below the boundary line after it is the
-program around PPO: diagnostics, the host loop of jitted chunks, evaluation, files, the CLI.
+program around PPO: diagnostics, the host loop of jitted chunks, the diagnosis of a run's
+metrics, evaluation, files, the CLI.
 Shape letters: T steps per rollout, N envs, B minibatch, A actions, D action dimensions,
 S seeds (runs), U updates, K updates in a chunk.
 
@@ -993,83 +994,6 @@ def make_diagnose(config: Config, agent: Agent, hp: HParams, discrete: bool):
     return diagnose
 
 
-# ── Diagnosis (python ppo_jax.py diagnose RUN; also printed once each during training) ──────
-# Thresholds from measured runs: the CartPole preset's approx KL peaked at 0.02 over 1,953
-# updates and its clip fraction at 0.19; notebook 03's collapsing runs sat at KL ~1.2.
-KL_WARN, SUSTAINED = 0.05, 3  # approx KL above KL_WARN for SUSTAINED updates in a row
-LOW_ENTROPY, GIVEN_BACK = 0.1, 0.2  # normalized entropy; share of its gain the return lost
-ALWAYS_CLIPPED, DEAD_UNITS = 0.9, 0.5  # median share of clipped steps; dormant/saturated share
-
-
-def first_sustained(x: np.ndarray, limit: float, n: int = SUSTAINED) -> np.ndarray:
-    """[S]: the first update index of x [S, U] that starts n updates in a row above limit."""
-    above = np.nan_to_num(x, nan=0.0) > limit
-    if above.shape[1] < n:
-        return np.full(len(x), -1)
-    rows = np.lib.stride_tricks.sliding_window_view(above, n, axis=1).all(axis=2)
-    return np.where(rows.any(axis=1), rows.argmax(axis=1), -1)
-
-
-def smoothed(x: np.ndarray, width: int = 10) -> np.ndarray:
-    """Trailing mean over `width` updates of x [S, U], NaN (no episode ended) left out."""
-    filled = np.cumsum(np.nan_to_num(x), axis=1)
-    counts = np.cumsum(np.isfinite(x), axis=1)
-    shift = lambda c: np.pad(c, ((0, 0), (width, 0)))[:, :-width]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (filled - shift(filled)) / (counts - shift(counts))
-
-
-def diagnose_metrics(config: Config, metrics: dict) -> list[tuple[str, int, str]]:
-    """What went wrong in metrics {name: [S, U]}: (check, first update, one plain line with
-    the evidence, likely causes and flags to try), earliest first. Empty for a healthy run."""
-    found, lr = [], config.learning_rate
-
-    def add(check: str, first: np.ndarray, text: str) -> None:
-        hit = np.flatnonzero(first >= 0)
-        if hit.size:
-            at = int(first[hit].min()) + 1
-            runs = f"{hit.size} of {len(first)} runs"
-            found.append((check, at, f"from update {at} in {runs}: {text}"))
-    for name in GUARDED:
-        bad = ~np.isfinite(metrics[name])
-        add(name, np.where(bad.any(axis=1), bad.argmax(axis=1), -1), f"{name} became NaN or "
-            f"infinite; try a lower --learning-rate (now {lr:g}) or --max-grad-norm")
-    kl, clip = metrics["approx_kl"], metrics["clip_fraction"]
-    add("kl", first_sustained(kl, KL_WARN),
-        f"approx KL up to {np.nanmax(kl):.2g} per update (usual <= 0.02), clip fraction up to "
-        f"{np.nanmax(clip):.2f}: each update moves the policy too far, which can lock it onto a "
-        f"few actions; try --learning-rate {lr / 10:g}, --target-kl 0.02 or fewer --update-epochs")
-    if "entropy_normalized" in metrics:
-        returns = smoothed(metrics["episode_return"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            start, peak = np.nanmin(returns, axis=1), np.nanmax(returns, axis=1)
-            gave_back = peak - returns[:, -1] > GIVEN_BACK * (peak - start)
-        low = metrics["entropy_normalized"] < LOW_ENTROPY
-        add("entropy", np.where(low.any(axis=1) & gave_back, low.argmax(axis=1), -1),
-            f"normalized entropy fell below {LOW_ENTROPY} (nearly deterministic) and the return "
-            f"then gave back over {GIVEN_BACK:.0%} of its gain: premature convergence; try "
-            "--ent-coef 0.01 (or --ent-coef-final), a lower --learning-rate or --target-kl 0.02")
-    clipped = np.nanmedian(metrics["grad_clip_fraction"], axis=1)
-    add("grad_clip", np.where(clipped >= ALWAYS_CLIPPED, 0, -1), f"the gradient was clipped "
-        f"on {np.max(clipped):.0%} of steps (median): --max-grad-norm, not the learning rate, "
-        "sets the step; often an unscaled value loss: try --normalize-reward or --clip-value-loss")
-    # The critic: negative explained variance over the second half, with errors of at least
-    # 10 % of the targets' size (a solved task's near-constant returns make the variance noise).
-    middle = metrics["explained_variance"].shape[1] // 2
-    if middle >= 10 and "target_rms" in metrics:
-        explained = np.nanmedian(metrics["explained_variance"][:, middle:], axis=1)
-        relative = np.nanmedian((metrics["value_rmse"] / metrics["target_rms"])[:, middle:], 1)
-        add("critic", np.where((explained < 0) & (relative > 0.1), middle, -1),
-            f"the critic explained none of the returns' variance in the second half (explained "
-            f"variance {np.min(explained):.2f}): the advantages are mostly noise; try "
-            "--normalize-reward, a lower --learning-rate or wider --hidden-sizes")
-    for name in [k for k in metrics if k.endswith(("dormant_fraction", "saturated_fraction"))]:
-        add(name, first_sustained(metrics[name], DEAD_UNITS, 1), f"{name} above {DEAD_UNITS}: "
-            f"the {name.split('_')[0]} lost capacity; try a lower --learning-rate")
-    return sorted(found, key=lambda finding: finding[1])
-
-
 # ── Runner ────────────────────────────────────────────────────────────────────────────────
 # The CLI trains S runs (seeds, or sweep settings) side by side with make_train's update_step in
 # jitted chunks (state on the device); between them a Python loop shows progress, writes metrics
@@ -1160,13 +1084,13 @@ def make_runner(config: Config) -> Runner:
 
         def guarded_update(state: RunnerState, bad):
             new_state, metrics = one_update(hp, state)
-            sane = [jnp.isfinite(metrics[k]).all() for k in GUARDED]
+            sane = [jnp.isfinite(metrics[k]).all() for k in GUARDED]  # in PROBLEMS' order
             if config.divergence_guard:
                 sane += [(metrics["approx_kl"] <= KL_LIMIT).all(), (metrics["value_loss"] <= (
                     VALUE_LOSS_LIMIT * jnp.square(metrics["target_rms"]) + 1e-8)).all()]
-            ok = jnp.stack(sane).all()
-            state = jax.lax.cond(ok, lambda: new_state, lambda: state)
-            return state, metrics, jnp.where(ok, bad, jnp.argmin(jnp.stack(sane)).astype(jnp.int32))
+            sane = jnp.stack(sane)
+            state = jax.lax.cond(sane.all(), lambda: new_state, lambda: state)
+            return state, metrics, jnp.where(sane.all(), bad, jnp.argmin(sane).astype(jnp.int32))
 
         def chunk_step(carry, _):
             state, bad = carry
@@ -1239,6 +1163,88 @@ class CtrlC:
         if self.presses:
             raise KeyboardInterrupt
         self.training = True
+
+
+# ── Diagnosis (python ppo_jax.py diagnose RUN; also printed once each during training) ──────
+# Thresholds from measured runs: the CartPole preset's approx KL peaked at 0.02 over 1,953
+# updates and its clip fraction at 0.19; notebook 03's collapsing runs sat at KL ~0.9 late on.
+KL_WARN, SUSTAINED = 0.05, 3  # approx KL above KL_WARN for SUSTAINED updates in a row
+LOW_ENTROPY, GIVEN_BACK = 0.1, 0.2  # normalized entropy; share of its gain the return lost
+ALWAYS_CLIPPED, DEAD_UNITS = 0.9, 0.5  # median share of clipped steps; dormant/saturated share
+
+
+def first_sustained(x: np.ndarray, limit: float, n: int = SUSTAINED) -> np.ndarray:
+    """[S]: the first update index of x [S, U] that starts n updates in a row above limit."""
+    above = np.nan_to_num(x, nan=0.0) > limit
+    if above.shape[1] < n:
+        return np.full(len(x), -1)
+    rows = np.lib.stride_tricks.sliding_window_view(above, n, axis=1).all(axis=2)
+    return np.where(rows.any(axis=1), rows.argmax(axis=1), -1)
+
+
+def smoothed(x: np.ndarray, width: int = 10) -> np.ndarray:
+    """Trailing mean over `width` updates of x [S, U], NaN (no episode ended) left out."""
+    filled = np.cumsum(np.nan_to_num(x), axis=1)
+    counts = np.cumsum(np.isfinite(x), axis=1)
+    shift = lambda c: np.pad(c, ((0, 0), (width, 0)))[:, :-width]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (filled - shift(filled)) / (counts - shift(counts))
+
+
+class Finding(NamedTuple):
+    check: str  # which check fired: "kl", "entropy", "grad_clip", "critic", or a metric's name
+    update: int  # the first update (from 1) where it holds, over the runs
+    line: str  # the evidence, likely causes and flags to try, in one plain line
+
+
+def diagnose_metrics(config: Config, metrics: dict) -> list[Finding]:
+    """What went wrong in metrics {name: [S, U]}, earliest first; empty for a healthy run."""
+    found, lr = [], config.learning_rate
+
+    def add(check: str, first: np.ndarray, text: str) -> None:
+        hit = np.flatnonzero(first >= 0)
+        if hit.size:
+            at = int(first[hit].min()) + 1
+            runs = f"{hit.size} of {len(first)} runs"
+            found.append(Finding(check, at, f"from update {at} in {runs}: {text}"))
+    for name in GUARDED:
+        bad = ~np.isfinite(metrics[name])
+        add(name, np.where(bad.any(axis=1), bad.argmax(axis=1), -1), f"{name} became NaN or "
+            f"infinite; try a lower --learning-rate (now {lr:g}) or --max-grad-norm")
+    kl, clip = metrics["approx_kl"], metrics["clip_fraction"]
+    add("kl", first_sustained(kl, KL_WARN),
+        f"approx KL up to {np.nanmax(kl):.2g} per update (usual <= 0.02), clip fraction up to "
+        f"{np.nanmax(clip):.2f}: each update moves the policy too far, which can lock it onto a "
+        f"few actions; try --learning-rate {lr / 10:g}, --target-kl 0.02 or fewer --update-epochs")
+    if "entropy_normalized" in metrics:
+        returns = smoothed(metrics["episode_return"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            start, peak = np.nanmin(returns, axis=1), np.nanmax(returns, axis=1)
+            gave_back = peak - returns[:, -1] > GIVEN_BACK * (peak - start)
+        low = metrics["entropy_normalized"] < LOW_ENTROPY
+        add("entropy", np.where(low.any(axis=1) & gave_back, low.argmax(axis=1), -1),
+            f"normalized entropy fell below {LOW_ENTROPY} (nearly deterministic) and the return "
+            f"then gave back over {GIVEN_BACK:.0%} of its gain: premature convergence; try "
+            "--ent-coef 0.01 (or --ent-coef-final), a lower --learning-rate or --target-kl 0.02")
+    clipped = np.nanmedian(metrics["grad_clip_fraction"], axis=1)
+    add("grad_clip", np.where(clipped >= ALWAYS_CLIPPED, 0, -1), f"the gradient was clipped "
+        f"on {np.max(clipped):.0%} of steps (median): --max-grad-norm, not the learning rate, "
+        "sets the step; often an unscaled value loss: try --normalize-reward or --clip-value-loss")
+    # The critic: negative explained variance over the second half, with errors of at least
+    # 10 % of the targets' size (a solved task's near-constant returns make the variance noise).
+    middle = metrics["explained_variance"].shape[1] // 2
+    if middle >= 10 and "target_rms" in metrics:
+        explained = np.nanmedian(metrics["explained_variance"][:, middle:], axis=1)
+        relative = np.nanmedian((metrics["value_rmse"] / metrics["target_rms"])[:, middle:], 1)
+        add("critic", np.where((explained < 0) & (relative > 0.1), middle, -1),
+            f"the critic explained none of the returns' variance in the second half (explained "
+            f"variance {np.min(explained):.2f}): the advantages are mostly noise; try "
+            "--normalize-reward, a lower --learning-rate or wider --hidden-sizes")
+    for name in [k for k in metrics if k.endswith(("dormant_fraction", "saturated_fraction"))]:
+        add(name, first_sustained(metrics[name], DEAD_UNITS, 1), f"{name} above {DEAD_UNITS}: "
+            f"the {name.split('_')[0]} lost capacity; try a lower --learning-rate")
+    return sorted(found, key=lambda finding: finding.update)
 
 
 # ── Evaluation ────────────────────────────────────────────────────────────────────────────
@@ -1553,7 +1559,10 @@ class MetricsLog:
         self.parts.append(metrics)
         self.done += next(iter(metrics.values())).shape[1]
 
-    def metrics(self) -> dict: return concat_metrics(self.parts)
+    def metrics(self) -> dict:
+        """Every update's {name: [S, n]} so far (the parts are joined once, then kept joined)."""
+        self.parts = [concat_metrics(self.parts)] if len(self.parts) > 1 else self.parts
+        return self.parts[0] if self.parts else {}
 
     def close(self) -> None:
         for writer in self.writers:
@@ -1830,10 +1839,11 @@ def training_loop(config: Config, out: str, runner: Runner, state: RunnerState, 
             if metrics["episode_return"].size:
                 log.append(metrics)
                 findings = [] if config.quiet else diagnose_metrics(config, log.metrics())
-                for check, _, line in findings:
-                    if check not in warned:
-                        warned.add(check)
-                        bar.write(f"warning: {line} (python ppo_jax.py diagnose {out})", sys.stderr)
+                for finding in findings:
+                    if finding.check not in warned:
+                        warned.add(finding.check)
+                        bar.write(f"warning: {finding.line} (python ppo_jax.py diagnose {out})",
+                                  sys.stderr)
                 bar.update(metrics["episode_return"].shape[1] * config.batch_size)
                 returns = metrics["episode_return"][:, -1]
                 if np.isfinite(returns).any():
@@ -1970,8 +1980,8 @@ def diagnose_main(argv: list[str]) -> int:
     findings = diagnose_metrics(config, metrics)
     print(f"{config.env}, {config.num_runs} run(s) x {updates} updates: " +
           (f"{len(findings)} finding(s)" if findings else "nothing looks wrong"))
-    for _, _, line in findings:
-        print(f"- {line}")
+    for finding in findings:
+        print(f"- {finding.line}")
     return 0
 
 

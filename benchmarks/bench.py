@@ -290,7 +290,7 @@ def diagnose(seeds: int = 3) -> None:
         for run in range(config.num_runs):
             alone = {k: v[run:run + 1] for k, v in metrics.items()}
             found = P.diagnose_metrics(config, alone)
-            first = ", ".join(f"{check} at update {update}" for check, update, _ in found)
+            first = ", ".join(f"{f.check} at update {f.update}" for f in found)
             print(f"{name}, seed {run}: return peaks at update {peaks[run]}; "
                   f"diagnose: {first or 'nothing'}", flush=True)
 

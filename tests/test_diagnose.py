@@ -29,7 +29,7 @@ def naive_first_sustained(row, limit, n):
 
 
 def checks(metrics) -> dict:
-    return {check: update for check, update, _ in P.diagnose_metrics(tiny_config(), metrics)}
+    return {f.check: f.update for f in P.diagnose_metrics(tiny_config(), metrics)}
 
 
 def test_a_healthy_run_has_no_findings():
